@@ -1,0 +1,1 @@
+"""jpaged: PagedAttention LLM inference natively in JAX."""
