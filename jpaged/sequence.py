@@ -1,0 +1,66 @@
+"""A sequence: one stream of tokens being generated, with its pages and progress.
+
+NOTE: prefill and decode are one thing here (vLLM v1): `num_computed_tokens` catches up with
+`num_tokens` a chunk at a time; a decode is a chunk of one token. Preemption by recompute just
+resets `num_computed_tokens` to 0 after the pages are freed.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+
+from jpaged.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
+                 params: SamplingParams, seed: int, max_tokens: int):
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id
+        self.index = index                      # which of the request's n outputs
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt + output
+        self.params = params
+        self.seed = seed                        # per-sequence sampling seed
+        self.max_tokens = max_tokens            # output budget after clamping to max_model_len
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+        self.logprobs: list[dict] = []
+        self.cumulative_logprob = 0.0
+        self.text = ""                          # detokenized output, kept current only with stops
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence(id={self.seq_id}, request={self.request_id!r}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, pages={self.block_table})")
