@@ -1,0 +1,133 @@
+"""The on-device sampler: greedy, seeds, filters, penalties, min_tokens bans, logprobs."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from jpaged.sampler import SamplingTensors, build_sampling_tensors, sample
+from jpaged.sampling_params import SamplingParams
+from jpaged.sequence import Sequence
+
+V = 32
+sample_jit = jax.jit(sample, static_argnames=("flags",))
+
+
+def make_seq(params, seed=0, prompt=(1, 2, 3), output=()):
+    s = Sequence("r", 0, list(prompt), params, seed=seed, max_tokens=64)
+    s.token_ids += list(output)
+    return s
+
+
+def run(logits, seqs, eos=(0,)):
+    tensors, flags = build_sampling_tensors(seqs, len(logits), V, eos)
+    tokens, lp, top_ids, top_lp = sample_jit(np.asarray(logits, np.float32),
+                                              SamplingTensors(**tensors), flags=flags)
+    return np.asarray(tokens), np.asarray(lp), top_ids, top_lp
+
+
+@pytest.fixture
+def logits():
+    return np.random.default_rng(0).standard_normal((4, V)).astype(np.float32) * 3
+
+
+def test_greedy_is_argmax(logits):
+    seqs = [make_seq(SamplingParams(temperature=0)) for _ in range(4)]
+    tokens, lp, _, _ = run(logits, seqs)
+    np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    expected = jax.nn.log_softmax(logits)[np.arange(4), tokens]
+    np.testing.assert_allclose(lp, expected, rtol=1e-5)
+
+
+def test_same_seed_same_token_whatever_the_batch(logits):
+    p = SamplingParams(temperature=1.0)
+    alone = run(logits[:1], [make_seq(p, seed=123)])[0][0]
+    others = [make_seq(p, seed=s) for s in (5, 6, 7)]
+    mixed = run(np.concatenate([logits[1:], logits[:1]]), others + [make_seq(p, seed=123)])[0]
+    assert mixed[3] == alone
+
+
+def test_sampling_follows_the_softmax():
+    row = np.log(np.array([0.5, 0.3, 0.2] + [1e-9] * (V - 3), np.float32))
+    seqs = [make_seq(SamplingParams(temperature=1.0), seed=s) for s in range(2000)]
+    tokens = run(np.tile(row, (len(seqs), 1)), seqs)[0]
+    freq = np.bincount(tokens, minlength=V)[:3] / len(seqs)
+    np.testing.assert_allclose(freq, [0.5, 0.3, 0.2], atol=0.04)
+    assert np.all(tokens < 3)
+
+
+def test_steps_change_the_draw():
+    row = np.zeros((1, V), np.float32)
+    draws = {int(run(row, [make_seq(SamplingParams(temperature=1.0), seed=9,
+                                    output=[5] * k)])[0][0]) for k in range(20)}
+    assert len(draws) > 5
+
+
+@pytest.mark.parametrize("params,allowed", [
+    (SamplingParams(temperature=1.0, top_k=2), {0, 1}),
+    (SamplingParams(temperature=1.0, top_p=0.6), {0, 1}),     # 0.4 + 0.3 >= 0.6
+    (SamplingParams(temperature=1.0, top_p=0.3), {0}),
+    (SamplingParams(temperature=1.0, min_p=0.6), {0, 1}),     # keeps p >= 0.6 * 0.4 = 0.24
+])
+def test_filters_limit_the_support(params, allowed):
+    probs = np.array([0.4, 0.3, 0.2, 0.1] + [0.0] * (V - 4)) + 1e-12
+    row = np.log(probs / probs.sum()).astype(np.float32)
+    seqs = [make_seq(params, seed=s) for s in range(300)]
+    tokens = set(run(np.tile(row, (len(seqs), 1)), seqs)[0].tolist())
+    assert tokens == allowed
+
+
+def test_greedy_rows_stay_greedy_next_to_sampled_rows(logits):
+    seqs = [make_seq(SamplingParams(temperature=0)), make_seq(SamplingParams(temperature=2.0, top_k=5)),
+            make_seq(SamplingParams(temperature=0)), make_seq(SamplingParams(temperature=0.5))]
+    tokens = run(logits, seqs)[0]
+    assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
+
+
+def test_repetition_penalty_demotes_seen_tokens():
+    row = np.zeros((1, V), np.float32)
+    row[0, 4], row[0, 9] = 2.0, 1.5
+    seqs = [make_seq(SamplingParams(temperature=0, repetition_penalty=2.0), prompt=(4,))]
+    assert run(row, seqs)[0][0] == 9                   # 2.0 / 2 = 1.0 < 1.5
+
+
+def test_frequency_and_presence_penalties_count_output_tokens():
+    row = np.zeros((1, V), np.float32)
+    row[0, 4], row[0, 9] = 2.0, 1.0
+    freq = make_seq(SamplingParams(temperature=0, frequency_penalty=0.6), output=(4, 4))
+    assert run(row, [freq])[0][0] == 9                 # 2.0 - 2 * 0.6 = 0.8 < 1.0
+    pres = make_seq(SamplingParams(temperature=0, presence_penalty=0.5), output=(4, 4))
+    assert run(row, [pres])[0][0] == 4                 # 2.0 - 0.5 = 1.5 > 1.0
+
+
+def test_min_tokens_bans_eos_and_stop_ids():
+    row = np.zeros((1, V), np.float32)
+    row[0, 0], row[0, 3], row[0, 5] = 9.0, 8.0, 1.0   # 0 is EOS, 3 a stop token id
+    p = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3])
+    assert run(row, [make_seq(p, output=(7,))])[0][0] == 5
+    assert run(row, [make_seq(p, output=(7, 7))])[0][0] == 0
+
+
+def test_logprobs_top_k(logits):
+    seqs = [make_seq(SamplingParams(temperature=0, logprobs=3)) for _ in range(4)]
+    tokens, lp, top_ids, top_lp = run(logits, seqs)
+    ref = np.asarray(jax.nn.log_softmax(logits))
+    np.testing.assert_array_equal(np.asarray(top_ids)[:, 0], logits.argmax(-1))
+    np.testing.assert_allclose(np.asarray(top_lp)[:, :3], -np.sort(-ref)[:, :3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=-1), "temperature must be >= 0"),
+    (dict(top_p=0.0), "top_p must be in"),
+    (dict(top_k=-5), "top_k must be"),
+    (dict(max_tokens=0), "max_tokens must be at least 1"),
+    (dict(n=0), "n must be"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(logprobs=50), "logprobs must be"),
+    (dict(stop=[""]), "stop must be"),
+    (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_bad_sampling_params_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)

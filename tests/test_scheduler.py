@@ -1,0 +1,102 @@
+"""Scheduler decisions with exact page ids: budgets, chunked prefill, preemption order."""
+
+from jpaged.block_manager import BlockManager
+from jpaged.sampling_params import SamplingParams
+from jpaged.scheduler import Scheduler
+from jpaged.sequence import Sequence, SequenceStatus
+
+
+def seq(request_id, num_prompt):
+    return Sequence(request_id, 0, list(range(num_prompt)), SamplingParams(), seed=0, max_tokens=64)
+
+
+def run_step(sched, out, token=7):
+    """What the engine does after the device step: advance and append a sampled token."""
+    for s in out.scheduled:
+        samples = s.samples
+        s.seq.num_computed_tokens += s.num_new_tokens
+        if samples:
+            s.seq.token_ids.append(token)
+
+
+def test_prefill_then_decode_in_one_batch():
+    bm = BlockManager(num_pages=10, page_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=16)
+    a, b = seq("a", 6), seq("b", 3)
+    sched.add(a)
+    out = sched.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 6)]
+    assert a.block_table == [1, 2]
+    run_step(sched, out)
+    sched.add(b)
+    out = sched.schedule()
+    # a decodes one token, b prefills in the same step
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 3)]
+    assert b.block_table == [3]
+    assert all(s.samples for s in out.scheduled)
+
+
+def test_chunked_prefill_within_token_budget():
+    bm = BlockManager(num_pages=10, page_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=8)
+    a = seq("a", 19)
+    sched.add(a)
+    chunks = []
+    for _ in range(3):
+        out = sched.schedule()
+        chunks.append((out.scheduled[0].num_new_tokens, out.scheduled[0].samples))
+        run_step(sched, out)
+    assert chunks == [(8, False), (8, False), (3, True)]
+    assert a.num_output_tokens == 1
+    assert a.block_table == [1, 2, 3, 4, 5]
+
+
+def test_max_num_seqs_limits_admission():
+    bm = BlockManager(num_pages=20, page_size=4)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=64)
+    for name in "abc":
+        sched.add(seq(name, 2))
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["a", "b"]
+    assert [s.request_id for s in sched.waiting] == ["c"]
+
+
+def test_preempts_newest_and_resumes_it_first():
+    bm = BlockManager(num_pages=5, page_size=2)      # 4 usable pages
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=32)
+    a, b = seq("a", 4), seq("b", 4)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert (a.block_table, b.block_table) == ([1, 2], [3, 4])
+    run_step(sched, out)
+    # both need a third page now; none is free: b (newest) is preempted, a gets b's page back
+    out = sched.schedule()
+    assert [s.seq.request_id for s in out.scheduled] == ["a"]
+    assert out.preempted == [b]
+    assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
+    assert a.block_table == [1, 2, 4]
+    assert list(sched.waiting) == [b]
+    assert sched.num_preemptions == 1
+    run_step(sched, out)
+    # a finishes; b is recomputed from scratch: prompt + its one output token
+    sched.finish(a, "length")
+    out = sched.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("b", 5)]
+    assert b.block_table == [3, 4, 2]              # free list was [3] + a's [4, 2, 1]
+    sched.finish(b, "length")
+    assert bm.all_free()
+
+
+def test_running_sequence_preempts_itself_when_alone_at_the_end():
+    bm = BlockManager(num_pages=4, page_size=2)      # 3 usable pages
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=32)
+    a, b = seq("a", 2), seq("b", 4)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched, sched.schedule())
+    assert (a.block_table, b.block_table) == ([1], [2, 3])
+    out = sched.schedule()                           # a needs page 2 of its own: b goes
+    assert out.preempted == [b]
+    assert [s.seq.request_id for s in out.scheduled] == ["a"]
+    assert a.block_table == [1, 3]
