@@ -1,0 +1,154 @@
+"""Pieces shared by the Pallas Triton attention kernels: version shims, page-tile loads, online softmax.
+
+Shape legend as in `reference.py` (T tokens, B sequences, N query heads, K KV heads, G = N // K,
+H head dim, P block-table width, S page size, L layers), plus the kernels' own tile letters:
+  R  query rows in one program (a power of two >= 16: query heads of one KV head, times tokens)
+  Hp H padded up to a power of two (80 -> 128, 96 -> 128)
+  BK KV tokens per inner-loop step = pages_per_block * S (a power of two >= 16)
+
+Every kernel takes the whole KV cache as one `[L, K, num_pages, S, H]` ref (one layer is passed as
+`[1, ...]`, a free reshape) and reads layer `layer_ref[0]`, so the engine never copies a layer out.
+
+NOTE (indexing rules that both the Triton lowering and interpret mode accept):
+  * a ref is indexed once, by scalars and integer arrays only (interpret mode rejects arrays mixed
+    with slices; the Triton lowering rejects chained indexers);
+  * loads may use clamped (repeated) indices, because masked lanes are never dereferenced on the GPU
+    and a gather with repeats is harmless in interpret mode;
+  * stores must use unique, unclamped indices: on the GPU the mask guards them, in interpret mode the
+    masked store is a read-modify-write scatter, where repeated indices would race and out-of-bounds
+    ones are dropped.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+# Pallas moved these between releases: `TritonCompilerParams` became `CompilerParams`, and `dot`
+# moved from `pl` to `plgpu` (`pl.dot` is deprecated from JAX 0.10). Resolve once, at import.
+_CompilerParams = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+_dot = getattr(plgpu, "dot", None) or pl.dot
+load = plgpu.load
+store = plgpu.store
+
+# Finite "minus infinity" (as in the reference): fully masked rows give exp(...) == 0, never NaN.
+MASK_VALUE = -1e30
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    return _CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def next_pow2(n: int, floor: int = 1) -> int:
+    return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+def is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def default_pages_per_block(page_size: int, head_dim: int) -> int:
+    """Pages per inner-loop step: 128 KV tokens (64 for head dims over 128), at least 16."""
+    block_tokens = 128 if next_pow2(head_dim) <= 128 else 64
+    return max(1, block_tokens // page_size, pl.cdiv(16, page_size))
+
+
+def dot(a, b, *, trans_b=False):
+    """a @ b (or a @ b.T) with float32 accumulation; full float32 (no TF32) for float32 inputs."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return _dot(a, b, trans_b=trans_b, precision=precision)
+
+
+def load_kv_tile(pages_ref, layer, kv_head, page_ids, token_ok, head_dim):
+    """pages_ref [L, K, num_pages, S, H]; page_ids [ppb] (clamped); token_ok [ppb, S] -> [BK, Hp].
+
+    Tokens outside `token_ok` and head-dim lanes past H read as 0 and cost no memory traffic.
+    """
+    num_pages_per_block, page_size = token_ok.shape
+    padded_dim = next_pow2(head_dim)
+    lane = jnp.arange(padded_dim, dtype=jnp.int32)[None, None, :]
+    slot = jnp.arange(page_size, dtype=jnp.int32)[None, :, None]
+    mask = token_ok[:, :, None] & (lane < head_dim)
+    if padded_dim != head_dim:
+        lane = jnp.minimum(lane, head_dim - 1)
+    tile = load(pages_ref.at[layer, kv_head, page_ids[:, None, None], slot, lane], mask=mask, other=0)
+    return tile.reshape(num_pages_per_block * page_size, padded_dim)
+
+
+def attend_pages(q, row_pos, row_ok, k_ref, v_ref, table_ref, seq, layer, kv_head, block_lo,
+                 block_hi, kv_start, kv_end, *, pages_per_block, scale, soft_cap, sliding_window,
+                 head_dim):
+    """Online softmax of q rows over KV blocks [block_lo, block_hi) of sequence `seq`.
+
+    q [R, Hp]; row_pos [R] (position of each query row); row_ok [R]; table_ref [B, P].
+    KV positions outside [kv_start, kv_end) are not read. Row r attends to positions p with
+    p <= row_pos[r] (and p > row_pos[r] - sliding_window). Returns (acc [R, Hp], m [R], l [R]) f32.
+    """
+    num_rows, padded_dim = q.shape
+    num_table_pages = table_ref.shape[1]
+    num_pages, page_size = k_ref.shape[2], k_ref.shape[3]
+    block_tokens = pages_per_block * page_size
+
+    def body(block, carry):
+        acc, m, l = carry
+        page_idx = block * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32)
+        in_table = page_idx < num_table_pages
+        page_ids = load(table_ref.at[seq, jnp.minimum(page_idx, num_table_pages - 1)],
+                        mask=in_table, other=0)
+        page_ids = jnp.clip(page_ids, 0, num_pages - 1)            # padding entries may be garbage
+        kv_pos = (page_idx[:, None] * page_size
+                  + jnp.arange(page_size, dtype=jnp.int32)[None, :])               # [ppb, S]
+        token_ok = (kv_pos >= kv_start) & (kv_pos < kv_end) & in_table[:, None]
+        k = load_kv_tile(k_ref, layer, kv_head, page_ids, token_ok, head_dim)       # [BK, Hp]
+        v = load_kv_tile(v_ref, layer, kv_head, page_ids, token_ok, head_dim)
+
+        s = dot(q, k, trans_b=True) * scale                                         # [R, BK]
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        pos = block * block_tokens + jnp.arange(block_tokens, dtype=jnp.int32)      # [BK]
+        mask = (pos[None, :] <= row_pos[:, None]) & row_ok[:, None]
+        if sliding_window is not None:
+            mask &= pos[None, :] > row_pos[:, None] - sliding_window
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        correction = jnp.exp(m - m_new)
+        l = l * correction + p.sum(axis=1)
+        acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
+        return acc, m_new, l
+
+    init = (jnp.zeros((num_rows, padded_dim), jnp.float32),
+            jnp.full((num_rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((num_rows,), jnp.float32))
+    return lax.fori_loop(block_lo, block_hi, body, init)
+
+
+def layered(k_pages, v_pages, layer):
+    """Normalise to the `[L, K, num_pages, S, H]` layout plus a [1] int32 layer index array."""
+    if layer is None:
+        return k_pages[None], v_pages[None], jnp.zeros((1,), jnp.int32)
+    return k_pages, v_pages, jnp.asarray(layer, jnp.int32).reshape(1)
+
+
+def check_common(q, k_pages, v_pages, block_tables, context_lens, layer):
+    """Shape checks shared by both kernels; raises ValueError naming the offending shapes."""
+    want_ndim = 4 if layer is None else 5
+    layout = "[K, num_pages, S, H]" if layer is None else "[L, K, num_pages, S, H] (layer given)"
+    if k_pages.ndim != want_ndim or k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages and v_pages must both be {layout}; got {k_pages.shape} and "
+                         f"{v_pages.shape}")
+    if q.ndim != 3 or q.shape[2] != k_pages.shape[-1]:
+        raise ValueError(f"q must be [*, N, H] with the pages' H; got q {q.shape}, pages "
+                         f"{k_pages.shape}")
+    num_heads, num_kv_heads = q.shape[1], k_pages.shape[-4]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_heads ({num_heads}, q {q.shape}) must be a multiple of num_kv_heads "
+                         f"({num_kv_heads}, pages {k_pages.shape})")
+    if not is_pow2(k_pages.shape[-2]):
+        raise ValueError(f"page size must be a power of two; got pages {k_pages.shape}")
+    if block_tables.ndim != 2 or context_lens.shape != (block_tables.shape[0],):
+        raise ValueError(f"block_tables must be [B, P] and context_lens [B]; got "
+                         f"{block_tables.shape} and {context_lens.shape}")

@@ -1,0 +1,65 @@
+"""Random paged-KV test cases shared by the kernel tests (shape legend in jpaged_kernels/reference.py).
+
+Every slot that a correct kernel must not read (pages no sequence owns, slots past a sequence's
+context, other layers) holds POISON, so a masking or indexing bug shows up as a large error
+instead of hiding inside random noise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+POISON = 64.0
+ON_GPU = jax.devices()[0].platform == "gpu"
+requires_gpu = pytest.mark.skipif(not ON_GPU, reason="compiled Triton kernels need a GPU")
+# interpret=True everywhere; interpret=False (compiled) only where a GPU is present.
+MODES = [pytest.param(True, id="interpret"),
+         pytest.param(False, id="compiled", marks=requires_gpu)]
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+def random_tables(rng, context_lens, page_size, pages_per_seq, num_pages, padding="arbitrary"):
+    """block_tables [B, P]: distinct real pages (never the null page 0); padding entries are
+    arbitrary pages ("arbitrary") or out-of-range garbage ("garbage"). Also returns the live mask
+    [num_pages, S] of slots some sequence owns."""
+    needed = [-(-int(c) // page_size) for c in context_lens]
+    real = iter(rng.permutation(np.arange(1, num_pages))[:sum(needed)])
+    if padding == "garbage":
+        tables = rng.choice([-1, num_pages, 2**30], size=(len(needed), pages_per_seq))
+    else:
+        tables = rng.integers(0, num_pages, size=(len(needed), pages_per_seq))
+    live = np.zeros((num_pages, page_size), bool)
+    for i, (n, c) in enumerate(zip(needed, context_lens)):
+        for j in range(n):
+            tables[i, j] = next(real)
+            live[tables[i, j], : min(page_size, int(c) - j * page_size)] = True
+    return jnp.asarray(tables, jnp.int32), live
+
+
+def random_cache(rng, live, num_kv_heads, head_dim, dtype, num_layers=None, layer=None):
+    """k, v [K, num_pages, S, H] (or [L, ...] with only `layer` live), poisoned where not live."""
+    num_pages, page_size = live.shape
+    shape = (num_kv_heads, num_pages, page_size, head_dim)
+    if num_layers is not None:
+        shape = (num_layers, *shape)
+        live = ((np.arange(num_layers)[:, None, None] == layer) & live)[:, None, :, :, None]
+    else:
+        live = live[None, :, :, None]
+    out = []
+    for _ in range(2):
+        x = rng.standard_normal(shape).astype(np.float32)
+        out.append(jnp.asarray(np.where(live, x, POISON), dtype))
+    return out
+
+
+def random_q(rng, num_tokens, num_heads, head_dim, dtype):
+    return jnp.asarray(rng.standard_normal((num_tokens, num_heads, head_dim)), dtype)
+
+
+def assert_close(out, ref, dtype):
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                               atol=tol, rtol=tol)

@@ -1,0 +1,136 @@
+"""Triton decode kernel vs the pure-jnp reference: interpret mode on CPU, compiled on a GPU."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jpaged_kernels import paged_attention, reference
+from paged_cases import (MODES, assert_close, random_cache, random_q, random_tables)
+
+# (B, N, K, H, S, P, dtype, num_splits): every head layout (MHA, GQA, MQA, G > 16), head dim
+# (64, 80, 96, 128) and page size (8, 16, 32) appears with both dtypes; P is the table width.
+GRID = [
+    (4, 4, 4, 64, 8, 6, jnp.float32, None),        # MHA, S=8 (2 pages per block)
+    (4, 4, 4, 80, 16, 5, jnp.bfloat16, 2),         # MHA, padded head dim
+    (4, 8, 2, 128, 16, 5, jnp.float32, 3),         # GQA 4, odd split count
+    (4, 8, 2, 64, 32, 4, jnp.bfloat16, None),      # GQA 4, S=32
+    (4, 8, 1, 80, 8, 6, jnp.float32, 1),           # MQA, padded head dim, no split
+    (4, 8, 1, 128, 8, 6, jnp.bfloat16, 6),         # MQA, more splits than needed
+    (4, 6, 2, 96, 32, 3, jnp.float32, None),       # G=3 (padded to 16 rows), H=96
+    (4, 32, 1, 64, 16, 4, jnp.bfloat16, None),     # G=32 > 16 rows
+]
+
+
+def context_lens_for(page_size, pages_per_seq):
+    """1, an exact page multiple, a ragged length, and the table maximum."""
+    return [1, page_size, 2 * page_size + 3, pages_per_seq * page_size]
+
+
+def run_case(rng, batch, heads, kv_heads, head_dim, page_size, pages_per_seq, dtype, lens,
+             interpret, padding="arbitrary", **kwargs):
+    num_pages = batch * pages_per_seq + 3
+    tables, live = random_tables(rng, lens, page_size, pages_per_seq, num_pages, padding)
+    k, v = random_cache(rng, live, kv_heads, head_dim, dtype)
+    q = random_q(rng, batch, heads, head_dim, dtype)
+    lens = jnp.asarray(lens, jnp.int32)
+    out = paged_attention(q, k, v, tables, lens, interpret=interpret, **kwargs)
+    ref_kwargs = {a: b for a, b in kwargs.items() if a in ("scale", "sliding_window", "soft_cap")}
+    ref = reference.paged_attention(q, k, v, tables, lens, **ref_kwargs)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("batch,heads,kv_heads,head_dim,page_size,pages_per_seq,dtype,num_splits",
+                         GRID)
+def test_matches_reference(batch, heads, kv_heads, head_dim, page_size, pages_per_seq, dtype,
+                           num_splits, interpret):
+    rng = np.random.default_rng(0)
+    lens = context_lens_for(page_size, pages_per_seq)[:batch]
+    run_case(rng, batch, heads, kv_heads, head_dim, page_size, pages_per_seq, dtype, lens,
+             interpret, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("soft_cap,sliding_window", [(5.0, None), (None, 1), (None, 7),
+                                                     (None, 20), (3.0, 12)])
+def test_soft_cap_and_sliding_window(soft_cap, sliding_window, interpret):
+    rng = np.random.default_rng(1)
+    run_case(rng, 4, 8, 2, 64, 8, 5, jnp.float32, [1, 8, 19, 40], interpret, num_splits=2,
+             pages_per_block=2, soft_cap=soft_cap, sliding_window=sliding_window)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_garbage_padding_entries_are_never_read(interpret):
+    rng = np.random.default_rng(2)
+    run_case(rng, 4, 8, 2, 64, 16, 4, jnp.float32, [1, 16, 20, 33], interpret, padding="garbage",
+             num_splits=2, pages_per_block=1)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_layer_reads_one_layer_in_place(interpret):
+    rng = np.random.default_rng(3)
+    batch, heads, kv_heads, head_dim, page_size, pages_per_seq, layers = 3, 8, 2, 64, 16, 3, 3
+    lens = [5, 16, 48]
+    tables, live = random_tables(rng, lens, page_size, pages_per_seq, 12)
+    q = random_q(rng, batch, heads, head_dim, jnp.float32)
+    lens = jnp.asarray(lens, jnp.int32)
+    attend = jax.jit(lambda k, v, layer: paged_attention(q, k, v, tables, lens, layer=layer,
+                                                         interpret=interpret))
+    for layer in (1, 2):
+        k, v = random_cache(rng, live, kv_heads, head_dim, jnp.float32, num_layers=layers,
+                            layer=layer)
+        out = attend(k, v, jnp.int32(layer))
+        assert_close(out, reference.paged_attention(q, k, v, tables, lens, layer=layer),
+                     jnp.float32)
+        assert_close(out, reference.paged_attention(q, k[layer], v[layer], tables, lens),
+                     jnp.float32)
+    assert attend._cache_size() == 1                        # the layer index is data, not shape
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), num_splits=st.sampled_from([1, 2, 5]),
+       data=st.data())
+def test_random_block_tables(seed, num_splits, data):
+    """Property: for any distinct page assignment, any padding entries and any lengths in
+    1..P*S, the kernel equals the reference."""
+    batch, page_size, pages_per_seq = 3, 8, 5
+    lens = data.draw(st.lists(st.integers(1, page_size * pages_per_seq), min_size=batch,
+                              max_size=batch))
+    padding = data.draw(st.sampled_from(["arbitrary", "garbage"]))
+    run_case(np.random.default_rng(seed), batch, 4, 2, 64, page_size, pages_per_seq,
+             jnp.float32, lens, True, padding=padding, num_splits=num_splits,
+             pages_per_block=2)
+
+
+def test_rejects_bad_shapes():
+    q = jnp.zeros((2, 8, 64))
+    k = jnp.zeros((3, 10, 16, 64))
+    tables, lens = jnp.zeros((2, 4), jnp.int32), jnp.ones((2,), jnp.int32)
+    with pytest.raises(ValueError, match=r"num_heads \(8"):
+        paged_attention(q, k, k, tables, lens, interpret=True)
+    with pytest.raises(ValueError, match=r"\(2, 10, 12, 64\)"):
+        paged_attention(q, jnp.zeros((2, 10, 12, 64)), jnp.zeros((2, 10, 12, 64)), tables, lens)
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        paged_attention(q, k[:2], k[:2], jnp.zeros((3, 4), jnp.int32), lens)
+    with pytest.raises(ValueError, match="pages_per_block"):
+        paged_attention(q, k[:2], k[:2], tables, lens, pages_per_block=3)
+    with pytest.raises(ValueError, match="layer given"):
+        paged_attention(q, k[:2], k[:2], tables, lens, layer=0)
+
+
+@pytest.mark.parametrize("head_dim,page_size,dtype", [
+    (64, 8, jnp.float32), (80, 16, jnp.bfloat16), (96, 32, jnp.float16),
+    (128, 16, jnp.bfloat16), (256, 128, jnp.bfloat16)])
+def test_lowers_to_triton(head_dim, page_size, dtype):
+    """The Triton lowering (block shapes powers of two, dot dims >= 16) runs on CPU too: lower
+    for CUDA without compiling, so a lowering regression is caught without a GPU."""
+    sds = jax.ShapeDtypeStruct
+    q, k = sds((3, 32, head_dim), dtype), sds((2, 8, 40, page_size, head_dim), dtype)
+    tables, lens = sds((3, 7), jnp.int32), sds((3,), jnp.int32)
+    lowered = paged_attention.trace(q, k, k, tables, lens, layer=sds((), jnp.int32),
+                                    soft_cap=30.0, sliding_window=64).lower(
+        lowering_platforms=("cuda",))
+    assert "triton" in lowered.as_text()
