@@ -51,6 +51,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     del interpret
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    block_tables, context_lens, query_start_loc = map(jnp.asarray, (block_tables, context_lens,
+                                                                    query_start_loc))
     _check_shapes(q, k_pages, block_tables, context_lens, query_start_loc)
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, _, page_size, _ = k_pages.shape

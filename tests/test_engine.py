@@ -1,0 +1,224 @@
+"""The engine on a tiny random Llama: HF-identical greedy tokens under preemption and chunked
+prefill, flat compilation count, sampling options, bad input. Every test ends with all pages free."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import hf_greedy
+from jpaged import LLM, SamplingParams
+from jpaged.engine import EngineConfig, LLMEngine
+from jpaged.loader import load_checkpoint
+
+
+def make_engine(path, **kwargs) -> LLMEngine:
+    config = dict(page_size=4, num_pages=48, max_model_len=128, max_num_seqs=4,
+                  max_num_batched_tokens=32)
+    config.update(kwargs)
+    return LLMEngine(load_checkpoint(path, dtype="float32", progress=False), EngineConfig(**config))
+
+
+def run_to_completion(engine: LLMEngine, arrivals: dict[int, list[tuple]], max_steps=10_000):
+    """arrivals: step index -> [(request_id, prompt, params)] added before that step."""
+    outputs, step = {}, 0
+    while step < max_steps and (engine.has_unfinished_requests() or any(k >= step for k in arrivals)):
+        for request_id, prompt, params in arrivals.get(step, []):
+            engine.add_request(request_id, prompt, params)
+        for out in engine.step():
+            outputs[out.request_id] = out
+        step += 1
+    return outputs
+
+
+def assert_all_pages_free(engine: LLMEngine):
+    bm = engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages
+    assert bm.refcounts == [0] * bm.num_pages
+    assert not engine.scheduler.running and not engine.scheduler.waiting
+
+
+def random_prompts(n, seed, low=3, high=60, vocab=512):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(2, vocab, size=int(rng.integers(low, high))).tolist() for _ in range(n)]
+
+
+def test_greedy_matches_hf_with_staggered_arrivals_preemption_and_chunking(tiny_llama_dir,
+                                                                           tiny_llama_hf):
+    # 8 sequences of up to 59 + 24 tokens need up to 168 pages of 4; the pool has 31 usable.
+    engine = make_engine(tiny_llama_dir, num_pages=32, max_model_len=96)
+    prompts = random_prompts(8, seed=1)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    arrivals = {0: [], 3: [], 9: []}
+    for i, prompt in enumerate(prompts):
+        arrivals[(0, 3, 9)[i % 3]].append((f"r{i}", {"prompt_token_ids": prompt}, params))
+    outputs = run_to_completion(engine, arrivals)
+    assert engine.num_preemptions > 0
+    for i, prompt in enumerate(prompts):
+        got = outputs[f"r{i}"].outputs[0]
+        assert got.token_ids == hf_greedy(tiny_llama_hf, prompt, 24), f"request r{i}"
+        assert got.finish_reason == "length"
+    assert_all_pages_free(engine)
+
+
+def test_compilation_count_stays_flat_after_warmup(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, num_pages=64, max_num_seqs=6)
+
+    def workload(seed, tag):
+        rng = np.random.default_rng(seed)
+        arrivals = {}
+        for i, prompt in enumerate(random_prompts(24, seed=seed, high=40)):
+            params = SamplingParams(temperature=float(rng.choice([0.0, 0.7])), top_p=0.9, seed=i,
+                                    max_tokens=int(rng.integers(4, 30)), ignore_eos=True)
+            arrivals.setdefault(int(rng.integers(0, 60)), []).append((f"{tag}-{i}", {
+                "prompt_token_ids": prompt}, params))
+        return arrivals
+
+    run_to_completion(engine, workload(seed=5, tag="warm"))
+    warm = engine.num_compilations
+    assert warm == len(engine.runner._steps) + engine.runner.num_sampler_compilations
+    steps_before = engine.num_steps
+    run_to_completion(engine, workload(seed=5, tag="again"))   # same shapes, new requests
+    assert engine.num_steps - steps_before > 60
+    assert engine.num_compilations == warm
+    assert_all_pages_free(engine)
+
+
+def test_same_seed_same_tokens_whatever_the_batch(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    params = SamplingParams(temperature=1.0, seed=1234, max_tokens=16, ignore_eos=True)
+    prompt = {"prompt_token_ids": random_prompts(1, seed=2)[0]}
+    alone = run_to_completion(engine, {0: [("alone", prompt, params)]})["alone"]
+    crowd = [(f"c{i}", {"prompt_token_ids": p}, SamplingParams(temperature=1.0, max_tokens=20))
+             for i, p in enumerate(random_prompts(3, seed=3))]
+    mixed = run_to_completion(engine, {0: crowd[:2], 1: [("again", prompt, params)], 2: crowd[2:]})
+    assert mixed["again"].outputs[0].token_ids == alone.outputs[0].token_ids
+    other = run_to_completion(engine, {0: [("other", prompt, SamplingParams(
+        temperature=1.0, seed=99, max_tokens=16, ignore_eos=True))]})["other"]
+    assert other.outputs[0].token_ids != alone.outputs[0].token_ids
+    assert_all_pages_free(engine)
+
+
+def test_stop_token_ids_max_tokens_and_min_tokens(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    prompt = {"prompt_token_ids": random_prompts(1, seed=4)[0]}
+    free_run = run_to_completion(engine, {0: [("free", prompt, SamplingParams(
+        temperature=0, max_tokens=20, ignore_eos=True))]})["free"].outputs[0].token_ids
+    stop_id = free_run[5]
+    first = free_run.index(stop_id)
+    out = run_to_completion(engine, {0: [("stop", prompt, SamplingParams(
+        temperature=0, max_tokens=20, stop_token_ids=[stop_id], ignore_eos=True))]})["stop"]
+    assert out.outputs[0].token_ids == free_run[:first + 1]
+    assert (out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("stop", stop_id)
+    out = run_to_completion(engine, {0: [("min", prompt, SamplingParams(
+        temperature=0, max_tokens=20, min_tokens=first + 3, stop_token_ids=[stop_id],
+        ignore_eos=True))]})["min"]
+    assert stop_id not in out.outputs[0].token_ids[:first + 3]
+    assert len(out.outputs[0].token_ids) >= first + 3
+    assert_all_pages_free(engine)
+
+
+def test_eos_stops_unless_ignored(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    prompt = {"prompt_token_ids": random_prompts(1, seed=6)[0]}
+    free_run = run_to_completion(engine, {0: [("a", prompt, SamplingParams(
+        temperature=0, max_tokens=16, ignore_eos=True))]})["a"].outputs[0].token_ids
+    engine.eos_token_ids = (free_run[3],)       # pretend the 4th greedy token is EOS
+    out = run_to_completion(engine, {0: [("b", prompt, SamplingParams(temperature=0, max_tokens=16))]})
+    first = free_run.index(free_run[3])
+    assert out["b"].outputs[0].token_ids == free_run[:first + 1]
+    assert (out["b"].outputs[0].finish_reason, out["b"].outputs[0].stop_reason) == ("stop", None)
+    assert_all_pages_free(engine)
+
+
+def test_n_samples_and_logprobs(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    prompt = {"prompt_token_ids": random_prompts(1, seed=7)[0]}
+    out = run_to_completion(engine, {0: [("n", prompt, SamplingParams(
+        n=3, temperature=1.0, seed=5, max_tokens=12, logprobs=2, ignore_eos=True))]})["n"]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 3
+    for o in out.outputs:
+        assert len(o.logprobs) == 12
+        chosen = [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)]
+        assert o.cumulative_logprob == pytest.approx(sum(chosen), rel=1e-5)
+        assert all(len(step) >= 2 and all(lp.logprob <= 0 for lp in step.values())
+                   for step in o.logprobs)
+    assert_all_pages_free(engine)
+
+
+def test_generation_stops_at_max_model_len(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir, max_model_len=40)
+    out = run_to_completion(engine, {0: [("long", {"prompt_token_ids": list(range(2, 32))},
+                                          SamplingParams(temperature=0, max_tokens=None,
+                                                         ignore_eos=True))]})["long"]
+    assert len(out.outputs[0].token_ids) == 10 and out.outputs[0].finish_reason == "length"
+    assert_all_pages_free(engine)
+
+
+@pytest.mark.parametrize("prompt,message", [
+    ({"prompt_token_ids": []}, "prompt cannot be empty"),
+    ({"prompt_token_ids": list(range(2, 200))}, r"prompt \(length 198\) is longer than the maximum "
+                                                r"model length of 128"),
+    ({"prompt_token_ids": [5, 99999]}, r"Token id 99999 is out of vocabulary \(vocab size 512\)"),
+    ("a text prompt", "has no tokenizer"),
+    ({"text": "x"}, "needs 'prompt' or 'prompt_token_ids'"),
+    (42, "must be a string or a dict"),
+])
+def test_bad_input_is_rejected_and_the_engine_keeps_serving(tiny_llama_dir, tiny_llama_hf, prompt,
+                                                             message):
+    engine = make_engine(tiny_llama_dir)
+    good = random_prompts(2, seed=8)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine.add_request("good0", {"prompt_token_ids": good[0]}, params)
+    engine.step()
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", prompt, params)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("good0", {"prompt_token_ids": good[1]}, params)
+    outputs = run_to_completion(engine, {0: [("good1", {"prompt_token_ids": good[1]}, params)]})
+    assert outputs["good1"].outputs[0].token_ids == hf_greedy(tiny_llama_hf, good[1], 8)
+    assert "good0" in outputs and "bad" not in engine.requests
+    assert_all_pages_free(engine)
+
+
+def test_abort_frees_pages(tiny_llama_dir):
+    engine = make_engine(tiny_llama_dir)
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    for i, p in enumerate(random_prompts(3, seed=9)):
+        engine.add_request(f"a{i}", {"prompt_token_ids": p}, params)
+    engine.step()
+    engine.step()
+    engine.abort_request("a1")
+    outputs = run_to_completion(engine, {})
+    assert sorted(outputs) == ["a0", "a2"]
+    assert_all_pages_free(engine)
+
+
+def test_llm_generate_keeps_order_and_validates_everything_first(tiny_llama_dir, tiny_llama_hf):
+    llm = LLM(str(tiny_llama_dir), page_size=4, num_pages=64, max_model_len=128, max_num_seqs=4,
+              max_num_batched_tokens=32)
+    prompts = random_prompts(6, seed=10)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 9, 1, 7, 5, 2)]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outputs] == prompts
+    for o, p, sp in zip(outputs, prompts, params):
+        assert o.outputs[0].token_ids == hf_greedy(tiny_llama_hf, p, sp.max_tokens)
+    with pytest.raises(ValueError, match="prompt cannot be empty"):
+        llm.generate([{"prompt_token_ids": prompts[0]}, {"prompt_token_ids": []}], use_tqdm=False)
+    with pytest.raises(ValueError, match="got 2 prompts but 1 sampling_params"):
+        llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], [params[0]], use_tqdm=False)
+    with pytest.raises(TypeError, match="unknown arguments"):
+        LLM(str(tiny_llama_dir), page_sise=4)
+    assert_all_pages_free(llm.llm_engine)
+
+
+def test_engine_config_errors_name_the_problem(tiny_llama_dir):
+    with pytest.raises(ValueError, match=r"max_model_len \(128\) is larger than the KV cache"):
+        make_engine(tiny_llama_dir, num_pages=8)
+    with pytest.raises(ValueError, match="page_size must be a power of two"):
+        make_engine(tiny_llama_dir, page_size=6)
+    with pytest.raises(ValueError, match="attention_backend='nope' is not one of"):
+        make_engine(tiny_llama_dir, attention_backend="nope")
+    with pytest.raises(FileNotFoundError, match="expected a converted jpaged checkpoint"):
+        LLM("/no/such/model")
