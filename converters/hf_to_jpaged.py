@@ -131,7 +131,7 @@ def save_params(path: Path, params: dict) -> None:
 def convert(src: str | Path, out: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
     """Convert SRC (an HF directory or a .gguf file) into the jpaged checkpoint directory OUT."""
     source = open_source(src)
-    config = ModelConfig.from_hf_config(source.hf_config)
+    config = source.config
     dtype = resolve_dtype(dtype or source.default_dtype)
     out = Path(out)
     if (out / "params").exists():

@@ -58,6 +58,7 @@ class HFSource:
             raise FileNotFoundError(f"{config_path} not found: an HF model directory needs config.json "
                                     f"beside its *.safetensors weights")
         self.hf_config = read_json(config_path)
+        self.config = ModelConfig.from_hf_config(self.hf_config)   # unsupported architectures stop here
         self.generation_config = read_json(self.path / "generation_config.json")
         self._safe_open = safe_open
         self._files = {}    # (file, framework) -> open safetensors handle
@@ -144,7 +145,8 @@ class GGUFSource:
         self._tensors = {t.name: t for t in self.reader.tensors}
         self._hf_to_gguf = self._map_names()
         self.hf_config = self._hf_config()
-        self._dims = shape_dims(ModelConfig.from_hf_config(self.hf_config))
+        self.config = ModelConfig.from_hf_config(self.hf_config)
+        self._dims = shape_dims(self.config)
 
     def _meta(self, key: str, default: Any = _MISSING) -> Any:
         field = self.reader.fields.get(key)
@@ -271,19 +273,22 @@ def llama3_scaling_from_rope_freqs(freqs: np.ndarray, theta: float, head_dim: in
                                    original_context: int, path: Path) -> dict:
     """llama.cpp stores Llama 3.1-style RoPE scaling as per-frequency divisors (`rope_freqs.weight`).
 
-    Recover the HF `llama3` rope_scaling dict: the factor is the largest divisor; low/high frequency
-    factors 1 and 4 are what every Llama 3.x release uses. Check the fit instead of trusting it.
+    Recover the HF `llama3` rope_scaling dict: low/high frequency factors 1 and 4 are what every
+    Llama 3.x release uses; the factor is the largest divisor (when the lowest frequency is fully
+    scaled) or one of the released factors. The fit is checked, not trusted.
     """
-    scaling = {"rope_type": "llama3", "factor": float(freqs.max()), "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": int(original_context)}
     probe = dict(architecture="llama", vocab_size=1, hidden_size=head_dim, intermediate_size=1,
                  num_layers=1, num_heads=1, num_kv_heads=1, head_dim=head_dim, rope_theta=theta)
     base = ModelConfig(**probe).rope_inv_freq()
-    scaled = ModelConfig(**probe, rope_scaling=scaling).rope_inv_freq()
-    if freqs.shape != base.shape or not np.allclose(base / scaled, freqs, rtol=1e-3):
-        raise ValueError(f"{path}: rope_freqs.weight does not match llama3 rope scaling with "
-                         f"{scaling}; this GGUF's RoPE scaling is not supported")
-    return scaling
+    for factor in dict.fromkeys((float(freqs.max()), 8.0, 16.0, 32.0)):
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                   "high_freq_factor": 4.0, "original_max_position_embeddings": int(original_context)}
+        scaled = ModelConfig(**probe, rope_scaling=scaling).rope_inv_freq()
+        if freqs.shape == base.shape and np.allclose(base / scaled, freqs, rtol=1e-3):
+            return scaling
+    raise ValueError(f"{path}: rope_freqs.weight does not match llama3 rope scaling (low/high "
+                     f"frequency factors 1 and 4, original context {original_context}); this GGUF's "
+                     f"RoPE scaling is not supported")
 
 
 def open_source(path: str | Path) -> HFSource | GGUFSource:

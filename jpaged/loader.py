@@ -52,7 +52,7 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, progress: bool =
 
 
 def _load_converted(source: HFSource | GGUFSource, dtype, progress: bool) -> LoadedCheckpoint:
-    config = ModelConfig.from_hf_config(source.hf_config)
+    config = source.config
     dtype = resolve_dtype(dtype or source.default_dtype)
     params = build_params(source, config, dtype, progress=progress)
     tokenizer = source.load_tokenizer()
