@@ -1,4 +1,4 @@
-"""Pieces shared by the Pallas Triton attention kernels: version shims, page-tile loads, online softmax.
+"""Shared by the Pallas Triton attention kernels: version shims, page-tile loads, online softmax.
 
 Shape legend as in `reference.py` (T tokens, B sequences, N query heads, K KV heads, G = N // K,
 H head dim, P block-table width, S page size, L layers), plus the kernels' own tile letters:
@@ -14,9 +14,9 @@ NOTE (indexing rules that both the Triton lowering and interpret mode accept):
     with slices; the Triton lowering rejects chained indexers);
   * loads may use clamped (repeated) indices, because masked lanes are never dereferenced on the GPU
     and a gather with repeats is harmless in interpret mode;
-  * stores must use unique, unclamped indices: on the GPU the mask guards them, in interpret mode the
-    masked store is a read-modify-write scatter, where repeated indices would race and out-of-bounds
-    ones are dropped.
+  * stores must use unique, unclamped indices: on the GPU the mask guards them; in interpret mode
+    the masked store is a read-modify-write scatter, where repeated indices would race and
+    out-of-bounds ones are dropped.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def load_kv_tile(pages_ref, layer, kv_head, page_ids, token_ok, head_dim):
     mask = token_ok[:, :, None] & (lane < head_dim)
     if padded_dim != head_dim:
         lane = jnp.minimum(lane, head_dim - 1)
-    tile = load(pages_ref.at[layer, kv_head, page_ids[:, None, None], slot, lane], mask=mask, other=0)
+    index = (layer, kv_head, page_ids[:, None, None], slot, lane)
+    tile = load(pages_ref.at[index], mask=mask, other=0)
     return tile.reshape(num_pages_per_block * page_size, padded_dim)
 
 

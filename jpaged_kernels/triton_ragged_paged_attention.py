@@ -7,11 +7,11 @@ a static number, so the grid is (W, K) and a jnp prologue maps each work item to
 token is thus a work item of its own, like a decode-kernel program, and a long prefill chunk
 spreads over many programs.
 
-One program takes the BQ tokens x G query heads of one KV head as R = BQ * Gp rows, G padded to a
-power of two Gp with R >= 16 (so every `dot` dimension is >= 16), walks the sequence's pages up to its last token in
-steps of BK tokens with a causal (and optional sliding-window) mask and an online softmax in
-float32, and writes the normalised rows. Padding tokens (past query_start_loc[B]) belong to no work
-item: the output starts as zeros (aliased in) so they stay 0.
+One program takes the BQ tokens x G query heads of one KV head as R = BQ * Gp rows (G padded to a
+power of two Gp, and so that R >= 16: every `dot` dimension is >= 16), walks the sequence's pages
+up to its last token in steps of BK tokens with a causal (and optional sliding-window) mask and an
+online softmax in float32, and writes the normalised rows. Padding tokens (past
+query_start_loc[B]) belong to no work item: the output starts as zeros (aliased in), so they stay 0.
 
 Shapes: q [T, N, H]; pages [K, num_pages, S, H] (or [L, K, num_pages, S, H] with `layer`);
 block_tables [B, P]; context_lens [B]; query_start_loc [B+1]. Legend in `reference.py`.

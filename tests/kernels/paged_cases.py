@@ -1,4 +1,4 @@
-"""Random paged-KV test cases shared by the kernel tests (shape legend in jpaged_kernels/reference.py).
+"""Random paged-KV cases shared by the kernel tests (shape legend: jpaged_kernels/reference.py).
 
 Every slot that a correct kernel must not read (pages no sequence owns, slots past a sequence's
 context, other layers) holds POISON, so a masking or indexing bug shows up as a large error

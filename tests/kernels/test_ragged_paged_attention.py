@@ -11,15 +11,19 @@ from jpaged_kernels import paged_attention, ragged_paged_attention, reference
 from jpaged_kernels.triton_ragged_paged_attention import work_items
 from paged_cases import MODES, assert_close, random_cache, random_q, random_tables
 
-# (N, K, H, S, dtype, block_q): MHA, GQA, MQA and G=3; head dims 64/80/96/128; pages 8/16/32.
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
+
+# (N, K, H, S, P, dtype, block_q): MHA, GQA, MQA and G=3; head dims 64..256; pages 8..128.
 GRID = [
-    (4, 4, 64, 8, jnp.float32, None),
-    (4, 4, 80, 16, jnp.bfloat16, 4),
-    (8, 2, 128, 16, jnp.float32, None),
-    (8, 2, 64, 32, jnp.bfloat16, 8),
-    (8, 1, 80, 8, jnp.float32, 2),
-    (8, 1, 128, 8, jnp.bfloat16, None),
-    (6, 2, 96, 32, jnp.float32, None),
+    (4, 4, 64, 8, 4, jnp.float32, None),
+    (4, 4, 80, 16, 4, jnp.bfloat16, 4),
+    (8, 2, 128, 16, 4, jnp.float32, None),
+    (8, 2, 64, 32, 4, jnp.bfloat16, 8),
+    (8, 1, 80, 8, 4, jnp.float32, 2),
+    (8, 1, 128, 8, 4, jnp.bfloat16, None),
+    (6, 2, 96, 32, 3, jnp.float32, None),
+    (4, 2, 256, 64, 2, jnp.float16, 16),
+    (8, 2, 128, 128, 2, jnp.float32, None),
 ]
 
 
@@ -27,8 +31,8 @@ def mixed_batch(page_size, pages_per_seq):
     """(q_len, context_len) per sequence: decodes at 1, at a page boundary and at the table
     maximum; a whole prompt; a chunk after a cached prefix; a chunk ending at the table maximum."""
     top = page_size * pages_per_seq
-    return [(1, 1), (5, 5), (1, page_size), (7, 2 * page_size + 3), (1, top),
-            (page_size + 2, top)]
+    chunk_end = min(2, pages_per_seq - 1) * page_size + 3
+    return [(1, 1), (5, 5), (1, page_size), (7, chunk_end), (1, top), (page_size + 2, top)]
 
 
 def run_case(rng, seqs, heads, kv_heads, head_dim, page_size, pages_per_seq, dtype, interpret,
@@ -53,12 +57,12 @@ def run_case(rng, seqs, heads, kv_heads, head_dim, page_size, pages_per_seq, dty
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("heads,kv_heads,head_dim,page_size,dtype,block_q", GRID)
-def test_mixed_prefill_and_decode(heads, kv_heads, head_dim, page_size, dtype, block_q,
-                                  interpret):
+@pytest.mark.parametrize("heads,kv_heads,head_dim,page_size,pages_per_seq,dtype,block_q", GRID)
+def test_mixed_prefill_and_decode(heads, kv_heads, head_dim, page_size, pages_per_seq, dtype,
+                                  block_q, interpret):
     rng = np.random.default_rng(0)
-    run_case(rng, mixed_batch(page_size, 4), heads, kv_heads, head_dim, page_size, 4, dtype,
-             interpret, block_q=block_q)
+    run_case(rng, mixed_batch(page_size, pages_per_seq), heads, kv_heads, head_dim, page_size,
+             pages_per_seq, dtype, interpret, block_q=block_q)
 
 
 @pytest.mark.parametrize("interpret", MODES)
