@@ -27,13 +27,19 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", **engine_kwargs):
         from jpaged.loader import default_model_path, load_checkpoint
 
-        unknown = set(engine_kwargs) - {f for f in EngineConfig.__dataclass_fields__}
-        if unknown:
-            raise TypeError(f"LLM() got unknown arguments {sorted(unknown)}; engine options are "
-                            f"{sorted(EngineConfig.__dataclass_fields__)}")
+        _check_engine_kwargs(engine_kwargs)
         checkpoint = load_checkpoint(model or default_model_path(), dtype=resolve_dtype(dtype))
         self.llm_engine = LLMEngine(checkpoint, EngineConfig(**engine_kwargs))
         self._ids = itertools.count()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, **engine_kwargs) -> "LLM":
+        """An LLM over an already loaded `LoadedCheckpoint` (e.g. `jpaged.random_weights`)."""
+        _check_engine_kwargs(engine_kwargs)
+        llm = cls.__new__(cls)
+        llm.llm_engine = LLMEngine(checkpoint, EngineConfig(**engine_kwargs))
+        llm._ids = itertools.count()
+        return llm
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -91,6 +97,13 @@ class LLM:
                     done[out.request_id] = out
                     bar.update(1)
         return [done[rid] for rid in request_ids]
+
+
+def _check_engine_kwargs(engine_kwargs: dict) -> None:
+    unknown = set(engine_kwargs) - set(EngineConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"LLM() got unknown arguments {sorted(unknown)}; engine options are "
+                        f"{sorted(EngineConfig.__dataclass_fields__)}")
 
 
 def resolve_dtype(dtype: str) -> str:
