@@ -118,7 +118,11 @@ def _warn_unused(source, config: ModelConfig, by_dst: dict, shapes: dict) -> Non
             unused.append(name)   # e.g. a bias the config does not enable
     if unused:
         logger.warning("%s: %d tensors are not used by jpaged's %s model: %s", source.path, len(unused),
-                       config.architecture, ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
+                       config.architecture, preview(unused))
+
+
+def preview(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def save_params(path: Path, params: dict) -> None:
@@ -136,8 +140,8 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, progress
     out = Path(out)
     if (out / "params").exists():
         raise FileExistsError(f"{out / 'params'} already exists: remove it or choose another OUT")
+    params = build_params(source, config, dtype, progress=progress)   # fails before OUT is touched
     out.mkdir(parents=True, exist_ok=True)
-    params = build_params(source, config, dtype, progress=progress)
     save_params(out / "params", params)
     config.to_json(out / "jpaged_config.json")
     source.save_config_files(out)

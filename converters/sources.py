@@ -166,8 +166,10 @@ class GGUFSource:
             pattern, layer = match
             hf_pattern = GGUF_TO_HF[pattern]
             hf_to_gguf[hf_pattern.format(layer) if layer is not None else hf_pattern] = name
-        if set(unused) - {"rope_freqs.weight"}:
-            logger.warning("%s: ignoring GGUF tensors with no HF name: %s", self.path, unused)
+        unused = [name for name in unused if name != "rope_freqs.weight"]   # read by _rope_scaling
+        if unused:
+            logger.warning("%s: ignoring %d GGUF tensors with no HF name: %s", self.path, len(unused),
+                           ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
         return hf_to_gguf
 
     def _hf_config(self) -> dict:
@@ -260,7 +262,34 @@ class GGUFSource:
         if "tokenizer.ggml.model" not in self.reader.fields:
             return None
         from transformers import AutoTokenizer
-        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        try:
+            return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        except ImportError as error:   # transformers' GGUF metadata reader imports torch
+            return self._tokenizer_without_torch(error)
+
+    def _tokenizer_without_torch(self, error: ImportError):
+        """transformers' own GGUF tokenizer recipe (`get_gguf_tokenizer` + `convert_gguf_tokenizer`),
+        fed from gguf-py's reader instead of transformers' reader, which needs torch."""
+        try:
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+                GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+        except ImportError:
+            raise ImportError(f"{self.path}: this transformers version needs torch to build a tokenizer "
+                              f"from GGUF metadata: `pip install torch==2.13.0` (CPU), or convert the "
+                              f"GGUF where torch is installed and load the converted checkpoint") from error
+        from transformers import PreTrainedTokenizerFast
+        groups = {group: {name: self._meta(f"tokenizer.{key}") for key, name in renames.items()
+                          if f"tokenizer.{key}" in self.reader.fields}
+                  for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+        tokenizer_dict, tokenizer_config = groups["tokenizer"], groups["tokenizer_config"]
+        if tokenizer_dict.get("tokenizer_type") == "llama":
+            tokenizer_config.setdefault("add_bos_token", True)   # llama.cpp's default for sentencepiece
+        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                          ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+            token_id = self._meta(f"tokenizer.ggml.{key}", None)
+            tokenizer_config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
+        backend, extra = convert_gguf_tokenizer(self.arch_name, tokenizer_dict)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **tokenizer_config, **extra)
 
     def save_tokenizer(self, out: Path) -> bool:
         tokenizer = self.load_tokenizer()

@@ -209,6 +209,42 @@ def test_smollm2_gguf_matches_transformers(smollm2_path, smollm2_hf, tmp_path):
     assert synthesized.rope_parameters["rope_theta"] == model.config.rope_parameters["rope_theta"]
 
 
+WITHOUT_TORCH = """
+import importlib.abc, importlib.util, json, sys
+_find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a, **k: (
+    None if name.split(".")[0] == "torch" else _find_spec(name, *a, **k))
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError("No module named 'torch' (hidden by the test)")
+
+sys.meta_path.insert(0, NoTorch())
+from jpaged.loader import load_checkpoint
+checkpoint = load_checkpoint(sys.argv[1], progress=False)
+texts = json.loads(sys.argv[2])
+print(json.dumps({"ids": [checkpoint.tokenizer(t)["input_ids"] for t in texts],
+                  "chat_template": checkpoint.tokenizer.chat_template,
+                  "eos_token_ids": checkpoint.eos_token_ids, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_smollm2_gguf_loads_without_torch(smollm2_path, smollm2_hf):
+    """torch is a test-only dependency: the GGUF path, tokenizer included, must not need it
+    (transformers' own GGUF metadata reader imports torch, so the loader falls back to gguf-py)."""
+    _, hf_tokenizer = smollm2_hf
+    texts = ["Hello, world!", "  The capital\n of <|im_start|>x", "héllo 123456"]
+    result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(smollm2_path), json.dumps(texts)],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["torch"] is False
+    assert got["ids"] == [hf_tokenizer(t)["input_ids"] for t in texts]
+    assert got["chat_template"] == hf_tokenizer.chat_template
+    assert got["eos_token_ids"] == [2]
+
+
 # --- tiny hand-written GGUFs ----------------------------------------------------------------------
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
