@@ -46,13 +46,18 @@ def next_pow2(n: int, floor: int = 1) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """Hp: H padded to a power of two, at least 16 (a `dot` dimension)."""
+    return next_pow2(head_dim, 16)
+
+
 def is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
 def default_pages_per_block(page_size: int, head_dim: int) -> int:
     """Pages per inner-loop step: 128 KV tokens (64 for head dims over 128), at least 16."""
-    block_tokens = 128 if next_pow2(head_dim) <= 128 else 64
+    block_tokens = 128 if padded_head_dim(head_dim) <= 128 else 64
     return max(1, block_tokens // page_size, pl.cdiv(16, page_size))
 
 
@@ -62,19 +67,23 @@ def dot(a, b, *, trans_b=False):
     return _dot(a, b, trans_b=trans_b, precision=precision)
 
 
+def clamp_lane(lane, head_dim):
+    """Head-dim lanes for a load: past H (padded dims) clamped, else untouched so Triton still
+    sees a contiguous range and vectorises the load."""
+    return lane if padded_head_dim(head_dim) == head_dim else jnp.minimum(lane, head_dim - 1)
+
+
 def load_kv_tile(pages_ref, layer, kv_head, page_ids, token_ok, head_dim):
     """pages_ref [L, K, num_pages, S, H]; page_ids [ppb] (clamped); token_ok [ppb, S] -> [BK, Hp].
 
     Tokens outside `token_ok` and head-dim lanes past H read as 0 and cost no memory traffic.
     """
     num_pages_per_block, page_size = token_ok.shape
-    padded_dim = next_pow2(head_dim)
+    padded_dim = padded_head_dim(head_dim)
     lane = jnp.arange(padded_dim, dtype=jnp.int32)[None, None, :]
     slot = jnp.arange(page_size, dtype=jnp.int32)[None, :, None]
     mask = token_ok[:, :, None] & (lane < head_dim)
-    if padded_dim != head_dim:
-        lane = jnp.minimum(lane, head_dim - 1)
-    index = (layer, kv_head, page_ids[:, None, None], slot, lane)
+    index = (layer, kv_head, page_ids[:, None, None], slot, clamp_lane(lane, head_dim))
     tile = load(pages_ref.at[index], mask=mask, other=0)
     return tile.reshape(num_pages_per_block * page_size, padded_dim)
 

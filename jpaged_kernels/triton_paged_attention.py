@@ -44,7 +44,7 @@ def paged_attention_kernel(
     row_ok = row < group
     heads = kv_head * group + jnp.minimum(row, group - 1)
     q_mask = row_ok[:, None] & (lane[None, :] < head_dim)
-    q = tc.load(q_ref.at[seq, heads[:, None], jnp.minimum(lane, head_dim - 1)[None, :]],
+    q = tc.load(q_ref.at[seq, heads[:, None], tc.clamp_lane(lane, head_dim)[None, :]],
                 mask=q_mask, other=0)                                               # [R, Hp]
 
     kv_start = 0 if sliding_window is None else jnp.maximum(length - sliding_window, 0)
@@ -65,7 +65,7 @@ def _launch(q, k_pages, v_pages, layer, block_tables, context_lens, *, scale, so
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[1]
     group = num_heads // num_kv_heads
-    num_rows, padded_dim = tc.next_pow2(group, 16), tc.next_pow2(head_dim, 16)
+    num_rows, padded_dim = tc.next_pow2(group, 16), tc.padded_head_dim(head_dim)
     num_blocks = pl.cdiv(block_tables.shape[1], pages_per_block)
     blocks_per_split = pl.cdiv(num_blocks, num_splits)
 

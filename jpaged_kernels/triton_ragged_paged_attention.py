@@ -44,7 +44,7 @@ def ragged_paged_attention_kernel(
     item, kv_head = pl.program_id(0), pl.program_id(1)
     num_tokens = q_ref.shape[0]
     group_rows = rows_per_token(group, block_q)
-    padded_dim = tc.next_pow2(head_dim, 16)
+    padded_dim = tc.padded_head_dim(head_dim)
     block_tokens = pages_per_block * k_ref.shape[3]
     seq, first, end = work_ref[0, item], work_ref[1, item], work_ref[2, item]
     q_len = qsl_ref[seq + 1] - qsl_ref[seq]
@@ -59,7 +59,7 @@ def ragged_paged_attention_kernel(
     q_token = jnp.minimum(token, num_tokens - 1)                    # clamped copies: loads
     q_head = kv_head * group + jnp.minimum(g, group - 1)
     mask = row_ok[:, None] & (lane[None, :] < head_dim)
-    q_lane = jnp.minimum(lane, head_dim - 1)[None, :]
+    q_lane = tc.clamp_lane(lane, head_dim)[None, :]
     q = tc.load(q_ref.at[q_token[:, None], q_head[:, None], q_lane], mask=mask, other=0)
 
     row_pos = first_pos + row // group_rows
