@@ -193,7 +193,10 @@ def test_config_flags_reach_the_model(tmp_path):
 
 # --- the real SmolLM2-135M-Instruct (30 layers), converted in memory from its GGUF ------------------
 
-SMOLLM2_TOLERANCE = 1e-4
+# Measured 5e-5..8.4e-5 here on logits of magnitude ~28 (30 layers of float32 accumulation, whose
+# order differs between XLA and torch): 2e-4 is a relative error of ~7e-6, still float32 tolerance,
+# with room for another CPU's vector width. Greedy argmax must match exactly regardless.
+SMOLLM2_TOLERANCE = 2e-4
 SMOLLM2_PROMPTS = ("What is the capital of France?", "Write a haiku about paged memory.")
 
 
