@@ -216,11 +216,11 @@ class LLMEngine:
         return finished_requests
 
     def _record_logprobs(self, seq: Sequence, sampled: SamplerOutput, row: int, token: int) -> None:
-        lp = float(sampled.logprobs[row])
-        seq.cumulative_logprob += lp
         k = seq.params.logprobs
         if k is None:
             return
+        lp = float(sampled.logprobs[row])
+        seq.cumulative_logprob += lp
         entry = {token: Logprob(lp)}
         for rank, (tid, tlp) in enumerate(zip(sampled.top_ids[row][:k], sampled.top_logprobs[row][:k])):
             entry.setdefault(int(tid), Logprob(float(tlp), rank + 1))

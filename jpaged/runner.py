@@ -39,13 +39,14 @@ def step(model: CausalLM, params, kv_cache: KVCache, batch: StepInputs):
     return model.apply({"params": params}, batch.token_ids, batch.positions, kv_cache, batch.metadata)
 
 
-def geometric_buckets(smallest: int, largest: int) -> list[int]:
-    """Powers of two and their 1.5x midpoints from `smallest` up to (and including) `largest`."""
-    out, size = [], smallest
+def geometric_buckets(smallest: int, largest: int, per_octave: int = 2) -> list[int]:
+    """`per_octave` sizes between consecutive powers of two (1x, 1.5x for 2; 1x, 1.25x, 1.5x,
+    1.75x for 4), from `smallest` up to and including `largest`."""
+    out, size = set(), smallest
     while size < largest:
-        out += [size] + ([size * 3 // 2] if size * 3 // 2 < largest and size >= 4 else [])
+        out.update(size + size * i // per_octave for i in range(per_octave))
         size *= 2
-    return sorted(set(out + [largest]))
+    return sorted(b for b in out | {largest} if b <= largest)
 
 
 def _pick(buckets: list[int], n: int) -> int:
@@ -64,7 +65,8 @@ class ModelRunner:
         self.seq_buckets = geometric_buckets(1, max_num_seqs)
         self.token_buckets = geometric_buckets(16, max(16, max_num_batched_tokens))
         max_pages = -(-max_model_len // self.page_size)
-        self.page_buckets = [1 << i for i in range((max_pages - 1).bit_length())] + [max_pages]
+        # Attention reads every padded page, so pages get finer buckets than tokens or sequences.
+        self.page_buckets = geometric_buckets(1, max_pages, per_octave=4)
         self._steps: dict[tuple, jax.stages.Compiled] = {}
         self._jit_step = jax.jit(functools.partial(step, model), donate_argnums=(1,))
         self._jit_sample = jax.jit(self._sample_traced, static_argnames=("flags",))
@@ -84,9 +86,8 @@ class ModelRunner:
         tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, SamplingTensors(**tensors),
                                                              flags=flags)
         n = len(seqs)
-        return SamplerOutput(np.asarray(tokens)[:n], np.asarray(logprobs)[:n],
-                             None if top_ids is None else np.asarray(top_ids)[:n],
-                             None if top_lp is None else np.asarray(top_lp)[:n])
+        rows = [None if x is None else np.asarray(x)[:n] for x in (tokens, logprobs, top_ids, top_lp)]
+        return SamplerOutput(*rows)
 
     def prepare_inputs(self, scheduled: list[ScheduledSeq]) -> tuple[StepInputs, tuple]:
         num_seqs = len(scheduled)

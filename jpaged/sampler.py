@@ -45,13 +45,13 @@ class SamplerFlags:
     all_greedy: bool
     use_filters: bool
     use_penalties: bool
-    num_logprobs: int        # 0, or MAX_LOGPROBS when any sequence asked for logprobs
+    logprobs: bool           # any sequence asked for logprobs: return them (top MAX_LOGPROBS too)
 
 
 @dataclasses.dataclass
 class SamplerOutput:
     token_ids: np.ndarray            # [B]
-    logprobs: np.ndarray | None      # [B] logprob of the sampled token
+    logprobs: np.ndarray | None      # [B] logprob of the sampled token (when asked for)
     top_ids: np.ndarray | None       # [B, MAX_LOGPROBS]
     top_logprobs: np.ndarray | None  # [B, MAX_LOGPROBS]
 
@@ -64,7 +64,7 @@ def build_sampling_tensors(seqs: list[Sequence], num_rows: int, vocab_size: int,
     flags = SamplerFlags(all_greedy=all(p.greedy for p in params),
                          use_filters=any(p.uses_filters for p in params),
                          use_penalties=use_penalties,
-                         num_logprobs=MAX_LOGPROBS if any(p.logprobs is not None for p in params) else 0)
+                         logprobs=any(p.logprobs is not None for p in params))
 
     def column(fn, dtype, fill):
         out = np.full(num_rows, fill, dtype)
@@ -109,7 +109,8 @@ def _pad_ids(rows: list[list[int]], num_rows: int, pad: int) -> np.ndarray:
 
 
 def sample(logits, t: SamplingTensors, *, flags: SamplerFlags):
-    """logits [B, V] float32 -> (token ids [B], sampled logprobs [B], top ids/logprobs [B, k])."""
+    """logits [B, V] float32 -> (token ids [B], and when flags.logprobs: sampled logprobs [B],
+    top ids/logprobs [B, MAX_LOGPROBS]; else None)."""
     raw = logits
     if flags.use_penalties:
         logits = _apply_penalties(logits, t)
@@ -124,12 +125,12 @@ def sample(logits, t: SamplingTensors, *, flags: SamplerFlags):
         if flags.use_filters:
             scaled = _apply_filters(scaled, t.top_k, t.top_p, t.min_p)
         tokens = jnp.where(is_greedy, greedy, _sample_rows(scaled, t.seeds, t.steps))
+    if not flags.logprobs:
+        return tokens, None, None, None
     logprobs = jax.nn.log_softmax(raw, axis=-1)
     token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
-    if flags.num_logprobs:
-        top_lp, top_ids = jax.lax.top_k(logprobs, flags.num_logprobs)
-        return tokens, token_logprobs, top_ids.astype(jnp.int32), top_lp
-    return tokens, token_logprobs, None, None
+    top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
+    return tokens, token_logprobs, top_ids.astype(jnp.int32), top_lp
 
 
 def _sample_rows(scaled, seeds, steps):

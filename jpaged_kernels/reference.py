@@ -121,10 +121,16 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, *, layer=None):
 
 
 def _gather_pages(pages, layer, page_ids):
-    """pages [L, K, num_pages, S, H], page_ids [T, ppc] -> [T, K, ppc * S, H] in one gather."""
-    g = pages[layer, :, page_ids]                       # [T, ppc, K, S, H]
-    t, ppc, k, s, h = g.shape
-    return jnp.swapaxes(g, 1, 2).reshape(t, k, ppc * s, h)
+    """pages [L, K, num_pages, S, H], page_ids [T, ppc] -> [T, K, ppc * S, H] in one gather.
+
+    All indices are advanced and adjacent, so the gather lands directly in [T, K, ppc, S, H]: the
+    einsums that follow then have their batch dims (T, K) leading and need no transpose copy.
+    """
+    num_kv_heads = pages.shape[1]
+    kv_head = jnp.arange(num_kv_heads, dtype=jnp.int32)[None, :, None]               # [1, K, 1]
+    g = pages[layer, kv_head, page_ids[:, None, :]]                                    # [T, K, ppc, S, H]
+    t, k, ppc, s, h = g.shape
+    return g.reshape(t, k, ppc * s, h)
 
 
 def _pages_per_chunk(num_tokens, num_kv_heads, page_size, head_dim, pages_per_seq):

@@ -33,7 +33,7 @@ def logits():
 
 
 def test_greedy_is_argmax(logits):
-    seqs = [make_seq(SamplingParams(temperature=0)) for _ in range(4)]
+    seqs = [make_seq(SamplingParams(temperature=0, logprobs=0)) for _ in range(4)]
     tokens, lp, _, _ = run(logits, seqs)
     np.testing.assert_array_equal(tokens, logits.argmax(-1))
     expected = jax.nn.log_softmax(logits)[np.arange(4), tokens]
