@@ -63,9 +63,10 @@ class ModelRunner:
         self.vocab_size = model.config.vocab_size
         self.eos_token_ids = eos_token_ids
         self.seq_buckets = geometric_buckets(1, max_num_seqs)
-        self.token_buckets = geometric_buckets(16, max(16, max_num_batched_tokens))
+        self.token_buckets = geometric_buckets(16, max(16, max_num_batched_tokens), per_octave=4)
         max_pages = -(-max_model_len // self.page_size)
-        # Attention reads every padded page, so pages get finer buckets than tokens or sequences.
+        # Every padded token costs a full forward and attention reads every padded page, so tokens
+        # and pages get finer buckets than sequences (whose padding only costs LM-head rows).
         self.page_buckets = geometric_buckets(1, max_pages, per_octave=4)
         self._steps: dict[tuple, jax.stages.Compiled] = {}
         self._jit_step = jax.jit(functools.partial(step, model), donate_argnums=(1,))

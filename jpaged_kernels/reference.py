@@ -27,15 +27,17 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=No
     """Decode attention: one new token per sequence.
 
     q [B, N, H]; k_pages/v_pages [K, num_pages, S, H] (or [L, K, num_pages, S, H] with `layer`);
-    block_tables [B, P] int32; context_lens [B] int32 (tokens to attend to, the current one included).
-    Returns [B, N, H]. `interpret` is accepted for signature parity with the Pallas kernels.
+    block_tables [B, P] int32; context_lens [B] int32 (tokens to attend to, the current one included;
+    0 for a padding slot, whose output is 0). Returns [B, N, H]. `interpret` is accepted for
+    signature parity with the Pallas kernels.
     """
     del interpret
-    num_seqs = q.shape[0]
-    query_start_loc = jnp.arange(num_seqs + 1, dtype=jnp.int32)
-    return ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
-                                  scale=scale, layer=layer, sliding_window=sliding_window,
-                                  soft_cap=soft_cap)
+    if layer is None:
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    block_tables, context_lens = jnp.asarray(block_tables), jnp.asarray(context_lens)
+    _check_shapes(q, k_pages, block_tables, context_lens, None)
+    return _attend(q, k_pages, v_pages, layer, block_tables, context_lens - 1, context_lens > 0,
+                   scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
@@ -54,28 +56,39 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     block_tables, context_lens, query_start_loc = map(jnp.asarray, (block_tables, context_lens,
                                                                     query_start_loc))
     _check_shapes(q, k_pages, block_tables, context_lens, query_start_loc)
+    num_tokens, num_seqs = q.shape[0], block_tables.shape[0]
+    token = jnp.arange(num_tokens, dtype=jnp.int32)                                   # [T]
+    seq = jnp.clip(jnp.searchsorted(query_start_loc, token, side="right", method="compare_all") - 1,
+                   0, num_seqs - 1)
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]                               # [B]
+    position = context_lens[seq] - q_lens[seq] + token - query_start_loc[seq]         # [T]
+    valid = token < query_start_loc[num_seqs]                                         # [T]
+    return _attend(q, k_pages, v_pages, layer, block_tables[seq], position, valid,
+                   scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+
+
+def _attend(q, k_pages, v_pages, layer, token_tables, position, valid, *, scale, sliding_window,
+            soft_cap):
+    """Each token t attends to logical positions <= position[t] of the pages in token_tables[t].
+
+    q [T, N, H]; pages [L, K, num_pages, S, H]; token_tables [T, P]; position, valid [T].
+    Online softmax over chunks of pages, so the gathered K/V never exceed _CHUNK_ELEMENTS.
+    """
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, _, page_size, _ = k_pages.shape
-    num_seqs, pages_per_seq = block_tables.shape
+    pages_per_seq = token_tables.shape[1]
     group = num_heads // num_kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
-
-    token = jnp.arange(num_tokens, dtype=jnp.int32)                                   # [T]
-    seq = jnp.clip(jnp.searchsorted(query_start_loc, token, side="right") - 1, 0, num_seqs - 1)
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]                               # [B]
-    valid = token < query_start_loc[num_seqs]                                         # [T]
-    position = context_lens[seq] - q_lens[seq] + token - query_start_loc[seq]         # [T]
     qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * scale
 
     pages_per_chunk = _pages_per_chunk(num_tokens, num_kv_heads, page_size, head_dim, pages_per_seq)
     chunk_len = pages_per_chunk * page_size
 
-    def attend_chunk(carry, chunk):
-        m, l, acc = carry                                # [T, K, G], [T, K, G], [T, K, G, H]
-        pages = jax.lax.dynamic_slice_in_dim(block_tables, chunk * pages_per_chunk,
-                                             pages_per_chunk, axis=1)[seq]          # [T, ppc]
+    def scores(chunk):
+        """Masked scores of every token against one chunk of its pages, and that chunk's V."""
+        pages = jax.lax.dynamic_slice_in_dim(token_tables, chunk * pages_per_chunk,
+                                             pages_per_chunk, axis=1)                # [T, ppc]
         k = _gather_pages(k_pages, layer, pages)                                   # [T, K, C, H]
-        v = _gather_pages(v_pages, layer, pages)
         s = jnp.einsum("TKGH,TKCH->TKGC", qg, k.astype(jnp.float32))
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
@@ -84,7 +97,12 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
         if sliding_window is not None:
             mask &= kv_pos[None, :] > position[:, None] - sliding_window
         mask = mask[:, None, None, :]
-        s = jnp.where(mask, s, _MASK_VALUE)
+        return jnp.where(mask, s, _MASK_VALUE), _gather_pages(v_pages, layer, pages), mask
+
+    def attend_chunk(carry, chunk):
+        """Online softmax: fold one chunk into the running max m, sum l and output acc."""
+        m, l, acc = carry                                # [T, K, G], [T, K, G], [T, K, G, H]
+        s, v, mask = scores(chunk)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
@@ -92,13 +110,16 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
         acc = acc * correction[..., None] + jnp.einsum("TKGC,TKCH->TKGH", p, v.astype(jnp.float32))
         return (m_new, l, acc), None
 
-    init = (jnp.full((num_tokens, num_kv_heads, group), _MASK_VALUE, jnp.float32),
-            jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
-            jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32))
     num_chunks = pages_per_seq // pages_per_chunk
-    if num_chunks == 1:
-        (_, l, acc), _ = attend_chunk(init, 0)
+    if num_chunks == 1:   # the common case: a plain masked softmax, no running max to carry
+        s, v, mask = scores(0)
+        p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
+        l = p.sum(axis=-1)
+        acc = jnp.einsum("TKGC,TKCH->TKGH", p, v.astype(jnp.float32))
     else:
+        init = (jnp.full((num_tokens, num_kv_heads, group), _MASK_VALUE, jnp.float32),
+                jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
+                jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32))
         (_, l, acc), _ = jax.lax.scan(attend_chunk, init, jnp.arange(num_chunks))
     out = acc / jnp.maximum(l, 1e-30)[..., None]
     return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
@@ -154,6 +175,6 @@ def _check_shapes(q, k_pages, block_tables, context_lens, query_start_loc):
     if block_tables.ndim != 2 or context_lens.shape != (block_tables.shape[0],):
         raise ValueError(f"block_tables must be [B, P] and context_lens [B]; got "
                          f"{block_tables.shape} and {context_lens.shape}")
-    if query_start_loc.shape != (block_tables.shape[0] + 1,):
+    if query_start_loc is not None and query_start_loc.shape != (block_tables.shape[0] + 1,):
         raise ValueError(f"query_start_loc must be [B+1] = [{block_tables.shape[0] + 1}]; "
                          f"got {query_start_loc.shape}")
