@@ -50,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
-    return _generate(args)
+    try:
+        return _generate(args)
+    except (ValueError, FileNotFoundError) as exc:   # bad input: one clear line, no traceback
+        print(f"jpaged: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _generate(args) -> int:
@@ -71,9 +75,11 @@ def _generate(args) -> int:
             print(f"\n### {question}\n{out.outputs[0].text.strip()}")
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     num_in = sum(len(o.prompt_token_ids) for o in outputs)
+    compiling = engine.runner.compile_seconds
     print(f"\n{len(outputs)} requests, {num_in} prompt tokens, {num_out} output tokens in "
-          f"{elapsed:.2f}s (compilation included: {engine.num_compilations} compiled variants)")
-    print(f"throughput: {num_out / elapsed:.1f} output tokens/s")
+          f"{elapsed:.2f}s, of which {compiling:.1f}s compiling {engine.num_compilations} variants")
+    print(f"throughput: {num_out / elapsed:.1f} output tokens/s "
+          f"({num_out / max(elapsed - compiling, 1e-9):.1f} excluding compilation)")
     print(f"KV pages used: {engine.peak_pages_used} of {engine.block_manager.num_usable_pages} at peak "
           f"(page size {engine.config.page_size}); all free again: {engine.block_manager.all_free()}")
     print(f"attention backend: {engine.attention.name} ({engine.attention.reason})")

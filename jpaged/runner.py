@@ -73,6 +73,7 @@ class ModelRunner:
         self._jit_sample = jax.jit(self._sample_traced, static_argnames=("flags",))
         self.num_step_compilations = 0
         self.num_sampler_compilations = 0
+        self.compile_seconds = 0.0               # spent compiling step buckets
 
     @property
     def num_compilations(self) -> int:
@@ -125,10 +126,12 @@ class ModelRunner:
         compiled = self._jit_step.lower(self.params, self.kv_cache, inputs).compile()
         self._steps[key] = compiled
         self.num_step_compilations += 1
+        seconds = time.perf_counter() - start
+        self.compile_seconds += seconds
         t, b, p, decode_only = key
         logger.info("compiled step #%d for %s batch T=%d B=%d P=%d in %.1fs",
                     self.num_step_compilations, "decode" if decode_only else "mixed", t, b, p,
-                    time.perf_counter() - start)
+                    seconds)
         return compiled
 
     def _sample_traced(self, logits, tensors: SamplingTensors, *, flags: SamplerFlags):
