@@ -52,7 +52,13 @@ def smollm2_hf(smollm2_path):
     return model, tokenizer
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """The function below, as a fixture (test modules cannot import from conftest reliably)."""
+    return _hf_greedy
+
+
+def _hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """Greedy continuation by HF transformers with its own KV cache, ignoring EOS."""
     import torch
 

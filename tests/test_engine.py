@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import hf_greedy
 from jpaged import LLM, SamplingParams
 from jpaged.engine import EngineConfig, LLMEngine
 from jpaged.loader import load_checkpoint
@@ -44,7 +43,7 @@ def random_prompts(n, seed, low=3, high=60, vocab=512):
 
 
 def test_greedy_matches_hf_with_staggered_arrivals_preemption_and_chunking(tiny_llama_dir,
-                                                                           tiny_llama_hf):
+                                                                           tiny_llama_hf, hf_greedy):
     # 8 sequences of up to 59 + 24 tokens need up to 168 pages of 4; the pool has 31 usable.
     engine = make_engine(tiny_llama_dir, num_pages=32, max_model_len=96)
     prompts = random_prompts(8, seed=1)
@@ -166,7 +165,7 @@ def test_generation_stops_at_max_model_len(tiny_llama_dir):
     (42, "must be a string or a dict"),
 ])
 def test_bad_input_is_rejected_and_the_engine_keeps_serving(tiny_llama_dir, tiny_llama_hf, prompt,
-                                                             message):
+                                                             message, hf_greedy):
     engine = make_engine(tiny_llama_dir)
     good = random_prompts(2, seed=8)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -195,7 +194,8 @@ def test_abort_frees_pages(tiny_llama_dir):
     assert_all_pages_free(engine)
 
 
-def test_llm_generate_keeps_order_and_validates_everything_first(tiny_llama_dir, tiny_llama_hf):
+def test_llm_generate_keeps_order_and_validates_everything_first(tiny_llama_dir, tiny_llama_hf,
+                                                                 hf_greedy):
     llm = LLM(str(tiny_llama_dir), page_size=4, num_pages=64, max_model_len=128, max_num_seqs=4,
               max_num_batched_tokens=32)
     prompts = random_prompts(6, seed=10)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import hf_greedy
 from jpaged import LLM, SamplingParams
 
 QUESTIONS = [
@@ -40,7 +39,7 @@ def assert_all_pages_free(llm):
     assert bm.num_free_pages == bm.num_usable_pages and not any(bm.refcounts)
 
 
-def test_greedy_tokens_match_hf_under_preemption(llm, smollm2_hf):
+def test_greedy_tokens_match_hf_under_preemption(llm, smollm2_hf, hf_greedy):
     hf_model, hf_tokenizer = smollm2_hf
     engine = llm.llm_engine
     prompts = [list(chat_ids(hf_tokenizer, q)) for q in QUESTIONS]
@@ -61,7 +60,7 @@ def test_greedy_tokens_match_hf_under_preemption(llm, smollm2_hf):
     assert_all_pages_free(llm)
 
 
-def test_chat_text_prompts_stop_strings_and_order(llm, smollm2_hf):
+def test_chat_text_prompts_stop_strings_and_order(llm, smollm2_hf, hf_greedy):
     hf_model, hf_tokenizer = smollm2_hf
     conversations = [[{"role": "user", "content": q}] for q in QUESTIONS[:3]]
     outputs = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
@@ -86,7 +85,7 @@ def test_chat_text_prompts_stop_strings_and_order(llm, smollm2_hf):
     assert_all_pages_free(llm)
 
 
-def test_plain_text_prompts_and_eos(llm, smollm2_hf):
+def test_plain_text_prompts_and_eos(llm, smollm2_hf, hf_greedy):
     hf_model, hf_tokenizer = smollm2_hf
     prompt = "The three primary colors are"
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
