@@ -59,6 +59,8 @@ def main() -> int:
     parser.add_argument("--engines", default="jpaged,hf", help="comma list of jpaged,hf")
     parser.add_argument("--batch1-tokens", type=int, default=128,
                         help="tokens of the batch-1 decode run (0 to skip)")
+    parser.add_argument("--hf-batch-size", type=int, default=None,
+                        help="HF generate batch size (default: all prompts in one padded batch)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
@@ -149,10 +151,13 @@ def run_jpaged(args) -> dict:
     llm.generate(requests, params, use_tqdm=False)               # warm-up: compiles the buckets
     warmup_s = time.perf_counter() - start
     compilations = engine.num_compilations
+    before = engine.time_breakdown()
     start = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
+    after = engine.time_breakdown()
     result = summarize(prompts, outputs, elapsed, lambda o: o.outputs[0].token_ids)
+    result["time_breakdown_s"] = {k: after[k] - before[k] for k in after}
     result.update(warmup_s=warmup_s, recompilations_after_warmup=engine.num_compilations - compilations,
                   attention_backend=engine.attention.name, kv_pages=engine.block_manager.num_pages,
                   peak_kv_pages_used=engine.peak_pages_used, device=jax.devices()[0].device_kind,
@@ -208,8 +213,10 @@ def run_hf(args) -> dict:
         return [row[width:].tolist() for row in out]
 
     generate(prompts[:2], 4)                                         # warm-up
+    size = args.hf_batch_size or len(prompts)
     start = time.perf_counter()
-    outputs = generate(prompts, args.output_len)
+    outputs = [row for i in range(0, len(prompts), size)
+               for row in generate(prompts[i:i + size], args.output_len)]
     elapsed = time.perf_counter() - start
     result = summarize(prompts, outputs, elapsed, lambda o: o)
     result.update(device=str(model.device), weight_bytes=int(sum(

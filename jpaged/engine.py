@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -92,6 +93,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
         self.num_steps = 0
+        self.step_seconds = 0.0
         self.peak_pages_used = 0
         kv_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype) * num_pages
         logger.info("KV cache: %d pages x %d tokens (%d tokens, %.2f GiB %s) on %s; max_model_len=%d, "
@@ -128,6 +130,21 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the requests that finished in it."""
+        start = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.step_seconds += time.perf_counter() - start
+
+    def time_breakdown(self) -> dict[str, float]:
+        """Seconds spent in steps so far: compiling, waiting on the device (model + sampler), and
+        the rest, i.e. host work (scheduling, input building, output processing, dispatch)."""
+        r = self.runner
+        return {"steps": self.step_seconds, "compile": r.compile_seconds,
+                "device_wait": r.device_wait_seconds,
+                "host": self.step_seconds - r.compile_seconds - r.device_wait_seconds}
+
+    def _step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         if out.is_empty:
             if self.scheduler.waiting:

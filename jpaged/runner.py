@@ -74,6 +74,7 @@ class ModelRunner:
         self.num_step_compilations = 0
         self.num_sampler_compilations = 0
         self.compile_seconds = 0.0               # spent compiling step buckets
+        self.device_wait_seconds = 0.0           # host blocked on the device's results
 
     @property
     def num_compilations(self) -> int:
@@ -88,7 +89,9 @@ class ModelRunner:
         tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, SamplingTensors(**tensors),
                                                              flags=flags)
         n = len(seqs)
+        waiting = time.perf_counter()
         rows = [None if x is None else np.asarray(x)[:n] for x in (tokens, logprobs, top_ids, top_lp)]
+        self.device_wait_seconds += time.perf_counter() - waiting
         return SamplerOutput(*rows)
 
     def prepare_inputs(self, scheduled: list[ScheduledSeq]) -> tuple[StepInputs, tuple]:
