@@ -61,6 +61,8 @@ def main() -> int:
                         help="tokens of the batch-1 decode run (0 to skip)")
     parser.add_argument("--hf-batch-size", type=int, default=None,
                         help="HF generate batch size (default: all prompts in one padded batch)")
+    parser.add_argument("--num-pages", type=int, default=None,
+                        help="jpaged KV pool size (default: 4 GiB on CPU, 90%% of free GPU memory)")
     parser.add_argument("--max-num-seqs", type=int, default=None)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
@@ -134,7 +136,7 @@ def run_jpaged(args) -> dict:
 
     from jpaged import LLM, SamplingParams
 
-    kwargs = {k: v for k, v in dict(max_num_seqs=args.max_num_seqs,
+    kwargs = {k: v for k, v in dict(max_num_seqs=args.max_num_seqs, num_pages=args.num_pages,
                                     max_num_batched_tokens=args.max_num_batched_tokens).items() if v}
     if args.random_weights:
         from jpaged.random_weights import random_checkpoint
