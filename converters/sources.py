@@ -258,25 +258,32 @@ class GGUFSource:
         (out / "config.json").write_text(json.dumps(self.hf_config, indent=2))
 
     def load_tokenizer(self):
-        """The tokenizer transformers builds from the GGUF metadata (vocab, merges, chat template)."""
+        """The tokenizer transformers builds from the GGUF metadata (vocab, merges, chat template).
+
+        NOTE: built from the metadata this reader already parsed, with transformers' own GGUF
+        recipe; `AutoTokenizer.from_pretrained(gguf_file=...)` would parse the file a second time
+        (~3 s for SmolLM2) and import torch. That is only the fallback, for transformers versions
+        whose recipe lives elsewhere.
+        """
         if "tokenizer.ggml.model" not in self.reader.fields:
             return None
+        try:
+            return self._tokenizer_from_metadata()
+        except ImportError:
+            pass
         from transformers import AutoTokenizer
         try:
             return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
         except ImportError as error:   # transformers' GGUF metadata reader imports torch
-            return self._tokenizer_without_torch(error)
-
-    def _tokenizer_without_torch(self, error: ImportError):
-        """transformers' own GGUF tokenizer recipe (`get_gguf_tokenizer` + `convert_gguf_tokenizer`),
-        fed from gguf-py's reader instead of transformers' reader, which needs torch."""
-        try:
-            from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-                GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
-        except ImportError:
             raise ImportError(f"{self.path}: this transformers version needs torch to build a tokenizer "
                               f"from GGUF metadata: `pip install torch==2.13.0` (CPU), or convert the "
                               f"GGUF where torch is installed and load the converted checkpoint") from error
+
+    def _tokenizer_from_metadata(self):
+        """transformers' own GGUF tokenizer recipe (`get_gguf_tokenizer` + `convert_gguf_tokenizer`),
+        fed from gguf-py's reader instead of transformers' reader, which needs torch."""
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
         from transformers import PreTrainedTokenizerFast
         groups = {group: {name: self._meta(f"tokenizer.{key}") for key, name in renames.items()
                           if f"tokenizer.{key}" in self.reader.fields}
