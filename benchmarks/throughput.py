@@ -152,14 +152,16 @@ def run_jpaged(args) -> dict:
     start = time.perf_counter()
     llm.generate(requests, params, use_tqdm=False)               # warm-up: compiles the buckets
     warmup_s = time.perf_counter() - start
+    llm.reset_prefix_cache()                  # the timed run must not reuse the warm-up's prompts
     compilations = engine.num_compilations
-    before = engine.time_breakdown()
+    before, cached_before = engine.time_breakdown(), engine.num_cached_tokens
     start = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
     after = engine.time_breakdown()
     result = summarize(prompts, outputs, elapsed, lambda o: o.outputs[0].token_ids)
     result["time_breakdown_s"] = {k: after[k] - before[k] for k in after}
+    result["prefix_cached_tokens"] = engine.num_cached_tokens - cached_before
     result.update(warmup_s=warmup_s, recompilations_after_warmup=engine.num_compilations - compilations,
                   attention_backend=engine.attention.name, kv_pages=engine.block_manager.num_pages,
                   peak_kv_pages_used=engine.peak_pages_used, device=jax.devices()[0].device_kind,

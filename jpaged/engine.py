@@ -39,6 +39,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9        # fraction of free GPU memory for the KV pool
     cpu_kv_cache_space_gib: float = 4.0        # KV pool on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE)
     attention_backend: str | None = None
+    enable_prefix_caching: bool = True         # share the pages of equal prompt prefixes
     seed: int = 0
 
     def __post_init__(self):
@@ -84,7 +85,7 @@ class LLMEngine:
                 f"num_pages / memory, or lower max_model_len")
         model = CausalLM(mc, self.dtype, self.attention.fns)
         kv_cache = KVCache.zeros(mc, num_pages, config.page_size, self.dtype)
-        self.block_manager = BlockManager(num_pages, config.page_size)
+        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens)
         self.runner = ModelRunner(model, checkpoint.params, kv_cache, max_num_seqs=config.max_num_seqs,
@@ -97,9 +98,10 @@ class LLMEngine:
         self.peak_pages_used = 0
         kv_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype) * num_pages
         logger.info("KV cache: %d pages x %d tokens (%d tokens, %.2f GiB %s) on %s; max_model_len=%d, "
-                    "max_num_seqs=%d, max_num_batched_tokens=%d", num_pages, config.page_size, capacity,
-                    kv_bytes / _GIB, self.dtype.name, jax.devices()[0].device_kind, self.max_model_len,
-                    config.max_num_seqs, config.max_num_batched_tokens)
+                    "max_num_seqs=%d, max_num_batched_tokens=%d, prefix caching %s", num_pages,
+                    config.page_size, capacity, kv_bytes / _GIB, self.dtype.name,
+                    jax.devices()[0].device_kind, self.max_model_len, config.max_num_seqs,
+                    config.max_num_batched_tokens, "on" if config.enable_prefix_caching else "off")
 
     # ---- public API ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | dict | list[int],
@@ -164,6 +166,10 @@ class LLMEngine:
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 
+    @property
+    def num_cached_tokens(self) -> int:
+        return self.scheduler.num_cached_tokens
+
     # ---- internals -------------------------------------------------------------------------
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -220,6 +226,7 @@ class LLMEngine:
         for i, s in enumerate(scheduled):
             seq, samples = s.seq, s.samples
             seq.num_computed_tokens += s.num_new_tokens
+            self.block_manager.commit(seq)
             if not samples:
                 continue
             token = int(sampled.token_ids[i])

@@ -2,7 +2,7 @@
 
 Every step first serves the running sequences in arrival order (a decode needs one token, a
 sequence still in prefill takes a chunk), then admits waiting ones, all within `max_num_batched_tokens`
-and `max_num_seqs`. When the pages run out, the newest running sequence is preempted by recompute:
+and `max_num_seqs`. An admitted sequence starts after its longest cached prefix. When the pages run out, the newest running sequence is preempted by recompute:
 its pages are freed and it goes back to the front of the queue with `num_computed_tokens = 0`.
 """
 
@@ -48,6 +48,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_cached_tokens = 0               # prompt tokens served by the prefix cache
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -70,9 +71,14 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and not preempted):
             seq = self.waiting[0]
+            cached = self.block_manager.match_prefix(seq)
+            seq.num_computed_tokens += cached
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if not self.block_manager.allocate(seq, seq.num_computed_tokens + n):
+                self.block_manager.free(seq)                  # give the matched pages back
+                seq.num_computed_tokens = 0
                 break
+            self.num_cached_tokens += cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -35,6 +35,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
+        self.num_committed_pages = 0            # leading pages named in the prefix cache
+        self._prefix_hashes: list[int] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict] = []
@@ -56,6 +58,20 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
+
+    def prefix_hashes(self, page_size: int, count: int) -> list[int]:
+        """Hashes of the first `count` full pages, each over its tokens and every token before it.
+
+        NOTE: Python's hash of int tuples (deterministic, 64-bit, not cryptographic): a collision
+        would share a wrong page, as in vLLM v0. Tokens are only ever appended, so the hashes stay
+        valid across preemption and are computed once.
+        """
+        while len(self._prefix_hashes) < count:
+            i = len(self._prefix_hashes)
+            parent = self._prefix_hashes[-1] if i else None
+            page_tokens = tuple(self.token_ids[i * page_size:(i + 1) * page_size])
+            self._prefix_hashes.append(hash((parent, page_tokens)))
+        return self._prefix_hashes[:count]
 
     @property
     def is_finished(self) -> bool:

@@ -222,3 +222,27 @@ def test_engine_config_errors_name_the_problem(tiny_llama_dir):
         make_engine(tiny_llama_dir, attention_backend="nope")
     with pytest.raises(FileNotFoundError, match="expected a converted jpaged checkpoint"):
         LLM("/no/such/model")
+
+
+def test_prefix_cache_shares_prompt_pages_and_keeps_tokens_identical(tiny_llama_dir, tiny_llama_hf,
+                                                                     hf_greedy):
+    engine = make_engine(tiny_llama_dir, num_pages=64)
+    prompt = random_prompts(1, seed=11, low=41, high=42)[0]            # 41 tokens: 10 full pages
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    engine.add_request("first", {"prompt_token_ids": prompt}, params)
+    for _ in range(3):                                                 # 32-token budget: 2 chunks
+        engine.step()
+    first = engine.requests["first"].seqs[0]
+    engine.add_request("second", {"prompt_token_ids": prompt + [7]}, params)
+    engine.step()
+    second = engine.requests["second"].seqs[0]
+    assert engine.num_cached_tokens == 40
+    assert second.block_table[:10] == first.block_table[:10]
+    assert all(engine.block_manager.refcounts[p] == 2 for p in first.block_table[:10])
+    outputs = run_to_completion(engine, {})
+    assert outputs["first"].outputs[0].token_ids == hf_greedy(tiny_llama_hf, prompt, 12)
+    assert outputs["second"].outputs[0].token_ids == hf_greedy(tiny_llama_hf, prompt + [7], 12)
+    again = run_to_completion(engine, {0: [("again", {"prompt_token_ids": prompt}, params)]})
+    assert again["again"].outputs[0].token_ids == outputs["first"].outputs[0].token_ids
+    assert engine.num_cached_tokens == 80                              # freed pages still cached
+    assert_all_pages_free(engine)
