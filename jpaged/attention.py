@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.model import AttentionFns
+from jpaged.model import AttentionFns, reference_attention
 
 logger = logging.getLogger("jpaged")
 BACKENDS = ("auto", "reference", "triton", "mosaic")
@@ -35,7 +35,7 @@ def select_attention(requested: str | None = None) -> AttentionChoice:
         raise ValueError(f"attention_backend={requested!r} is not one of {BACKENDS}")
     platform = jax.devices()[0].platform
     if requested == "reference":
-        choice = AttentionChoice("reference", "requested", _reference())
+        choice = AttentionChoice("reference", "requested", reference_attention())
     elif requested == "mosaic":
         raise ValueError("attention_backend='mosaic' is not available in this build of jpaged yet; "
                          "use 'triton' (GPU) or 'reference'")
@@ -44,16 +44,11 @@ def select_attention(requested: str | None = None) -> AttentionChoice:
             logger.warning("attention_backend='triton' needs a GPU but the device is %s; "
                            "falling back to the reference attention", platform)
         choice = AttentionChoice("reference", f"no GPU (platform {platform}); Pallas GPU kernels "
-                                 "need one", _reference())
+                                 "need one", reference_attention())
     else:
         choice = _try_triton(requested)
     logger.info("attention backend: %s (%s)", choice.name, choice.reason)
     return choice
-
-
-def _reference() -> AttentionFns:
-    from jpaged_kernels import reference
-    return AttentionFns(reference.paged_attention, reference.ragged_paged_attention)
 
 
 def _try_triton(requested: str) -> AttentionChoice:
@@ -65,13 +60,13 @@ def _try_triton(requested: str) -> AttentionChoice:
         logger.warning("the Pallas Triton kernels failed to lower or to match the reference on this "
                        "GPU with JAX %s (%s: %s); falling back to the reference attention",
                        jax.__version__, type(exc).__name__, str(exc).splitlines()[0][:200])
-        return AttentionChoice("reference", "Triton kernels unavailable", _reference())
+        return AttentionChoice("reference", "Triton kernels unavailable", reference_attention())
     return AttentionChoice("triton", "GPU detected" if requested == "auto" else "requested", fns)
 
 
 def _probe(fns: AttentionFns) -> None:
     """Run both kernels once on tiny inputs and compare with the reference."""
-    ref = _reference()
+    ref = reference_attention()
     rng = np.random.default_rng(0)
     k_pages = jnp.asarray(rng.standard_normal((2, 8, 16, 64)), jnp.bfloat16)
     v_pages = jnp.asarray(rng.standard_normal((2, 8, 16, 64)), jnp.bfloat16)

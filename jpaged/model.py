@@ -71,7 +71,8 @@ class AttentionFns:
     ragged_paged_attention: Callable  # ragged: q [T, N, H] -> [T, N, H]
 
 
-def _default_attention() -> AttentionFns:
+def reference_attention() -> AttentionFns:
+    """The pure-jnp attention: the model's default, and the engine's off a GPU."""
     from jpaged_kernels import reference
     return AttentionFns(reference.paged_attention, reference.ragged_paged_attention)
 
@@ -165,7 +166,7 @@ class DecoderLayer(nn.Module):
 class CausalLM(nn.Module):
     config: ModelConfig
     dtype: jnp.dtype = jnp.float32
-    attention: AttentionFns = dataclasses.field(default_factory=_default_attention)
+    attention: AttentionFns = dataclasses.field(default_factory=reference_attention)
 
     @nn.compact
     def __call__(self, token_ids, positions, kv_cache: KVCache, metadata: AttentionMetadata):

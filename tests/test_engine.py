@@ -246,3 +246,17 @@ def test_prefix_cache_shares_prompt_pages_and_keeps_tokens_identical(tiny_llama_
     assert again["again"].outputs[0].token_ids == outputs["first"].outputs[0].token_ids
     assert engine.num_cached_tokens == 80                              # freed pages still cached
     assert_all_pages_free(engine)
+
+
+def test_bfloat16_engine_runs_and_frees_its_pages(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), dtype="bfloat16", page_size=4, num_pages=64, max_model_len=128,
+              max_num_seqs=4, max_num_batched_tokens=32)
+    engine = llm.llm_engine
+    assert engine.dtype.name == "bfloat16" and engine.runner.kv_cache.k.dtype.name == "bfloat16"
+    outputs = llm.generate([{"prompt_token_ids": p} for p in random_prompts(3, seed=12)],
+                           SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                           use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [6, 6, 6]
+    with pytest.raises(ValueError, match="dtype must be 'auto', 'float32', 'bfloat16' or 'float16'"):
+        LLM(str(tiny_llama_dir), dtype="int8")
+    assert_all_pages_free(engine)
