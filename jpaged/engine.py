@@ -117,6 +117,8 @@ class LLMEngine:
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         seqs = [Sequence(request_id, i, token_ids, params, (base_seed + i * 0x9E3779B9) % 2**32,
                          max_tokens) for i in range(params.n)]
+        for sibling in seqs[1:]:
+            sibling.first_sibling = seqs[0]
         self.requests[request_id] = Request(request_id, text, token_ids, params, seqs)
         for seq in seqs:
             self.scheduler.add(seq)

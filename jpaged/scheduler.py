@@ -2,7 +2,8 @@
 
 Every step first serves the running sequences in arrival order (a decode needs one token, a
 sequence still in prefill takes a chunk), then admits waiting ones, all within `max_num_batched_tokens`
-and `max_num_seqs`. An admitted sequence starts after its longest cached prefix. When the pages run out, the newest running sequence is preempted by recompute:
+and `max_num_seqs`. An admitted sequence starts after its longest cached prefix; the other samples of
+an n > 1 request are admitted once the first has computed the prompt, so they share its pages. When the pages run out, the newest running sequence is preempted by recompute:
 its pages are freed and it goes back to the front of the queue with `num_computed_tokens = 0`.
 """
 
@@ -71,6 +72,8 @@ class Scheduler:
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
                and not preempted):
             seq = self.waiting[0]
+            if self._prompt_pending(seq):
+                break
             cached = self.block_manager.match_prefix(seq)
             seq.num_computed_tokens += cached
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
@@ -85,6 +88,14 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, n))
             budget -= n
         return SchedulerOutput(scheduled, preempted)
+
+    def _prompt_pending(self, seq: Sequence) -> bool:
+        """NOTE: the samples of an n > 1 request wait until sample 0 has computed the shared
+        prompt, then take its full pages from the prefix cache instead of computing it again."""
+        first = seq.first_sibling
+        return (first is not None and self.block_manager.enable_prefix_caching
+                and first.status is SequenceStatus.RUNNING
+                and first.num_computed_tokens < first.num_prompt_tokens)
 
     def _allocate_or_preempt(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Find pages for `seq`, preempting the newest running sequences; False if `seq` itself

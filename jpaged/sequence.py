@@ -36,6 +36,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.num_committed_pages = 0            # leading pages named in the prefix cache
+        self.first_sibling: Sequence | None = None  # sample 0 of the same request when n > 1
         self._prefix_hashes: list[int] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None

@@ -130,11 +130,18 @@ def test_eos_stops_unless_ignored(tiny_llama_dir):
     assert_all_pages_free(engine)
 
 
-def test_n_samples_and_logprobs(tiny_llama_dir):
+def test_n_samples_share_the_prompt_pages_and_return_logprobs(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir)
-    prompt = {"prompt_token_ids": random_prompts(1, seed=7)[0]}
-    out = run_to_completion(engine, {0: [("n", prompt, SamplingParams(
-        n=3, temperature=1.0, seed=5, max_tokens=12, logprobs=2, ignore_eos=True))]})["n"]
+    prompt = {"prompt_token_ids": random_prompts(1, seed=7, low=41, high=42)[0]}  # 10 full pages
+    engine.add_request("n", prompt, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=12,
+                                                   logprobs=2, ignore_eos=True))
+    seqs = engine.requests["n"].seqs
+    while not all(s.block_table for s in seqs):
+        engine.step()
+    assert seqs[1].block_table[:10] == seqs[2].block_table[:10] == seqs[0].block_table[:10]
+    assert all(engine.block_manager.refcounts[p] == 3 for p in seqs[0].block_table[:10])
+    assert engine.num_cached_tokens == 2 * 40
+    out = run_to_completion(engine, {})["n"]
     assert [o.index for o in out.outputs] == [0, 1, 2]
     assert len({tuple(o.token_ids) for o in out.outputs}) == 3
     for o in out.outputs:
