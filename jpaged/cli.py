@@ -77,7 +77,8 @@ def _generate(args) -> int:
     num_in = sum(len(o.prompt_token_ids) for o in outputs)
     compiling = engine.runner.compile_seconds
     print(f"\n{len(outputs)} requests, {num_in} prompt tokens, {num_out} output tokens in "
-          f"{elapsed:.2f}s, of which {compiling:.1f}s compiling {engine.num_compilations} variants")
+          f"{elapsed:.2f}s, of which {compiling:.1f}s compiling {engine.runner.num_step_compilations} "
+          f"step buckets ({engine.num_compilations} compiled variants with the sampler's)")
     print(f"throughput: {num_out / elapsed:.1f} output tokens/s "
           f"({num_out / max(elapsed - compiling, 1e-9):.1f} excluding compilation)")
     print(f"KV pages used: {engine.peak_pages_used} of {engine.block_manager.num_usable_pages} at peak "
