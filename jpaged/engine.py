@@ -90,7 +90,7 @@ class LLMEngine:
                                    config.max_num_batched_tokens)
         self.runner = ModelRunner(model, checkpoint.params, kv_cache, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids)
+                                  max_model_len=self.max_model_len)
         self.requests: dict[str, Request] = {}
         self._rng = np.random.default_rng(config.seed)
         self.num_steps = 0
@@ -156,7 +156,7 @@ class LLMEngine:
             return []
         bm = self.block_manager
         self.peak_pages_used = max(self.peak_pages_used, bm.num_usable_pages - bm.num_free_pages)
-        sampled = self.runner.execute(out.scheduled)
+        sampled = self.runner.execute(out.scheduled, self.eos_token_ids)
         self.num_steps += 1
         return self._process(out.scheduled, sampled)
 

@@ -55,13 +55,12 @@ def _pick(buckets: list[int], n: int) -> int:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, params, kv_cache: KVCache, *, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, eos_token_ids: tuple[int, ...]):
+                 max_num_batched_tokens: int, max_model_len: int):
         self.model = model
         self.params = params
         self.kv_cache = kv_cache
         self.page_size = kv_cache.page_size
         self.vocab_size = model.config.vocab_size
-        self.eos_token_ids = eos_token_ids
         self.seq_buckets = geometric_buckets(1, max_num_seqs)
         self.token_buckets = geometric_buckets(16, max(16, max_num_batched_tokens), per_octave=4)
         max_pages = -(-max_model_len // self.page_size)
@@ -80,12 +79,13 @@ class ModelRunner:
     def num_compilations(self) -> int:
         return self.num_step_compilations + self.num_sampler_compilations
 
-    def execute(self, scheduled: list[ScheduledSeq]) -> SamplerOutput:
+    def execute(self, scheduled: list[ScheduledSeq], eos_token_ids: tuple[int, ...]) -> SamplerOutput:
+        """Run one step and sample; `eos_token_ids` are banned for sequences under min_tokens."""
         inputs, key = self.prepare_inputs(scheduled)
         fn = self._steps.get(key) or self._compile(key, inputs)
         logits, self.kv_cache = fn(self.params, self.kv_cache, inputs)
         seqs = [s.seq for s in scheduled]
-        tensors, flags = build_sampling_tensors(seqs, key[1], self.vocab_size, self.eos_token_ids)
+        tensors, flags = build_sampling_tensors(seqs, key[1], self.vocab_size, eos_token_ids)
         tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, SamplingTensors(**tensors),
                                                              flags=flags)
         n = len(seqs)

@@ -98,11 +98,16 @@ def test_same_seed_same_tokens_whatever_the_batch(tiny_llama_dir):
     assert_all_pages_free(engine)
 
 
+def greedy_tokens(engine, prompt, max_tokens) -> list[int]:
+    """The engine's own greedy continuation, EOS ignored."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    return run_to_completion(engine, {0: [("free", prompt, params)]})["free"].outputs[0].token_ids
+
+
 def test_stop_token_ids_max_tokens_and_min_tokens(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir)
     prompt = {"prompt_token_ids": random_prompts(1, seed=4)[0]}
-    free_run = run_to_completion(engine, {0: [("free", prompt, SamplingParams(
-        temperature=0, max_tokens=20, ignore_eos=True))]})["free"].outputs[0].token_ids
+    free_run = greedy_tokens(engine, prompt, 20)
     stop_id = free_run[5]
     first = free_run.index(stop_id)
     out = run_to_completion(engine, {0: [("stop", prompt, SamplingParams(
@@ -120,8 +125,7 @@ def test_stop_token_ids_max_tokens_and_min_tokens(tiny_llama_dir):
 def test_eos_stops_unless_ignored(tiny_llama_dir):
     engine = make_engine(tiny_llama_dir)
     prompt = {"prompt_token_ids": random_prompts(1, seed=6)[0]}
-    free_run = run_to_completion(engine, {0: [("a", prompt, SamplingParams(
-        temperature=0, max_tokens=16, ignore_eos=True))]})["a"].outputs[0].token_ids
+    free_run = greedy_tokens(engine, prompt, 16)
     engine.eos_token_ids = (free_run[3],)       # pretend the 4th greedy token is EOS
     out = run_to_completion(engine, {0: [("b", prompt, SamplingParams(temperature=0, max_tokens=16))]})
     first = free_run.index(free_run[3])
