@@ -139,7 +139,7 @@ def run_jpaged(args) -> dict:
     kwargs = {k: v for k, v in dict(max_num_seqs=args.max_num_seqs, num_pages=args.num_pages,
                                     max_num_batched_tokens=args.max_num_batched_tokens).items() if v}
     if args.random_weights:
-        from jpaged.random_weights import random_checkpoint
+        from jpaged.models.random_weights import random_checkpoint
         llm = LLM.from_checkpoint(random_checkpoint(RANDOM_CONFIGS[args.random_weights], args.dtype),
                                   **kwargs)
     else:
@@ -198,7 +198,7 @@ def run_hf(args) -> dict:
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
         tokenizer = None
     else:
-        from jpaged.loader import default_model_path
+        from jpaged.checkpoint.loader import default_model_path
         path = Path(args.model) if args.model else default_model_path()
         kwargs = dict(gguf_file=path.name) if path.suffix == ".gguf" else {}
         directory = path.parent if path.suffix == ".gguf" else path

@@ -1,8 +1,29 @@
-"""jpaged: PagedAttention LLM inference natively in JAX."""
+"""jpaged: PagedAttention LLM inference natively in JAX.
 
-from jpaged.llm import LLM
-from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
-from jpaged.sampling_params import SamplingParams
+The public names are imported lazily (PEP 562), so `import jpaged.core` or `jpaged.config` stays
+free of jax and `import jpaged` is fast; `from jpaged import LLM` loads the engine.
+"""
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "LLM": "jpaged.entrypoints.llm",
+    "SamplingParams": "jpaged.sampling_params",
+    "RequestOutput": "jpaged.outputs",
+    "CompletionOutput": "jpaged.outputs",
+    "Logprob": "jpaged.outputs",
+}
+__all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'jpaged' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

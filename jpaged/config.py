@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-# HF `architectures` entry -> jpaged family name. Everything here runs through jpaged/model.py.
+# HF `architectures` entry -> jpaged family name. Everything here runs through jpaged/models/llama.py.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",

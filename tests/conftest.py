@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jpaged.loader import default_model_path
+from jpaged.checkpoint.loader import default_model_path
 
 # A tiny Llama: fast to compile and run, used by the engine tests (token-id prompts, no tokenizer).
 TINY_LLAMA = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

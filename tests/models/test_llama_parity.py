@@ -1,7 +1,7 @@
 """Logits parity with HF transformers (torch, float32) for every Llama-family flavour jpaged runs.
 
 Each case builds a tiny random HF model, saves it as safetensors, loads it through
-`jpaged.loader.load_checkpoint` (the in-memory HF conversion), then runs `CausalLM.apply` on a ragged
+`jpaged.checkpoint.loader.load_checkpoint` (the in-memory HF conversion), then runs `CausalLM.apply` on a ragged
 batch: 3 sequences of different lengths prefilled together (plus padding tokens on the null page),
 then decode steps with `decode_only=True`. Every step's last-token logits must match HF's full
 forward over the same prefix. Pages: size 4, page 0 reserved as the null page, block tables drawn
@@ -21,8 +21,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jpaged.loader import load_checkpoint  # noqa: E402
-from jpaged.model import AttentionMetadata, CausalLM, KVCache  # noqa: E402
+from jpaged.checkpoint.loader import load_checkpoint  # noqa: E402
+from jpaged.models.llama import AttentionMetadata, CausalLM, KVCache  # noqa: E402
 
 TOLERANCE = 1e-4
 

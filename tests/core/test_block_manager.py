@@ -2,9 +2,9 @@
 
 import pytest
 
-from jpaged.block_manager import NULL_PAGE, BlockManager
+from jpaged.core.block_manager import NULL_PAGE, BlockManager
 from jpaged.sampling_params import SamplingParams
-from jpaged.sequence import Sequence
+from jpaged.core.sequence import Sequence
 
 
 def make_seq(num_tokens=5):

@@ -7,7 +7,7 @@ import sys
 
 def test_jpaged_generate_prints_answers_and_summary():
     proc = subprocess.run(
-        [sys.executable, "-m", "jpaged.cli", "generate", "--prompt", "What is the capital of France?",
+        [sys.executable, "-m", "jpaged.entrypoints.cli", "generate", "--prompt", "What is the capital of France?",
          "--prompt", "Name a primary color.", "--max-tokens", "16", "--max-model-len", "256",
          "--num-pages", "64"],
         capture_output=True, text=True, timeout=600)
@@ -22,7 +22,7 @@ def test_jpaged_generate_prints_answers_and_summary():
 
 
 def test_jpaged_generate_reports_bad_arguments():
-    proc = subprocess.run([sys.executable, "-m", "jpaged.cli", "generate", "--max-tokens", "0",
+    proc = subprocess.run([sys.executable, "-m", "jpaged.entrypoints.cli", "generate", "--max-tokens", "0",
                            "--num-pages", "64", "--max-model-len", "256"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from jpaged.sampler import SamplingTensors, build_sampling_tensors, sample
+from jpaged.engine.sampler import SamplingTensors, build_sampling_tensors, sample
 from jpaged.sampling_params import SamplingParams
-from jpaged.sequence import Sequence
+from jpaged.core.sequence import Sequence
 
 V = 32
 sample_jit = jax.jit(sample, static_argnames=("flags",))

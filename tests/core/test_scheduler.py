@@ -1,9 +1,9 @@
 """Scheduler decisions with exact page ids: budgets, chunked prefill, preemption order."""
 
-from jpaged.block_manager import BlockManager
+from jpaged.core.block_manager import BlockManager
 from jpaged.sampling_params import SamplingParams
-from jpaged.scheduler import Scheduler
-from jpaged.sequence import Sequence, SequenceStatus
+from jpaged.core.scheduler import Scheduler
+from jpaged.core.sequence import Sequence, SequenceStatus
 
 
 def seq(request_id, num_prompt):

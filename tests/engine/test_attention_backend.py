@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from jpaged.attention import select_attention
+from jpaged.engine.attention import select_attention
 from jpaged_kernels import reference
 
 

@@ -2,7 +2,7 @@
 hand-written ones), tokenizers, dtypes, and the error messages.
 
 Params are compared against the source state dict passed through transforms written out here by
-hand (not through converters/weight_map.py), so the tables are checked, not restated.
+hand (not through jpaged/checkpoint/weight_map.py), so the tables are checked, not restated.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 
-from converters.hf_to_jpaged import convert, flatten, main  # noqa: E402
-from jpaged.loader import load_checkpoint  # noqa: E402
+from jpaged.checkpoint.convert import convert, main  # noqa: E402
+from jpaged.checkpoint.params import flatten  # noqa: E402
+from jpaged.checkpoint.loader import load_checkpoint  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, rms_norm_eps=1e-5,
             max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
@@ -127,10 +128,17 @@ def assert_tokenizer_matches(tokenizer, reference, texts) -> None:
 
 # --- HF directories -------------------------------------------------------------------------------
 
-def test_cli_converts_sharded_checkpoint(llama, sharded_llama_dir, tmp_path):
+@pytest.mark.parametrize("command", ["jpaged convert", "python -m converters.hf_to_jpaged"])
+def test_cli_converts_sharded_checkpoint(llama, sharded_llama_dir, tmp_path, command):
+    """The installed `jpaged convert` runs anywhere (here outside the checkout, where the top-level
+    `converters` package is not importable); `python -m converters.hf_to_jpaged` from a checkout."""
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "converters.hf_to_jpaged", str(sharded_llama_dir),
-                             str(out)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    if command == "jpaged convert":
+        argv, cwd = [sys.executable, "-m", "jpaged.entrypoints.cli", "convert"], tmp_path
+    else:
+        argv, cwd = [sys.executable, "-m", "converters.hf_to_jpaged"], REPO_ROOT
+    result = subprocess.run([*argv, str(sharded_llama_dir), str(out)], cwd=cwd,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     for name in ("params", "jpaged_config.json", "config.json", "generation_config.json",
                  "tokenizer.json", "tokenizer_config.json"):
@@ -221,12 +229,13 @@ class NoTorch(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError("No module named 'torch' (hidden by the test)")
 
 sys.meta_path.insert(0, NoTorch())
-from jpaged.loader import load_checkpoint
+from jpaged.checkpoint.loader import load_checkpoint
 checkpoint = load_checkpoint(sys.argv[1], progress=False)
 texts = json.loads(sys.argv[2])
 print(json.dumps({"ids": [checkpoint.tokenizer(t)["input_ids"] for t in texts],
                   "chat_template": checkpoint.tokenizer.chat_template,
-                  "eos_token_ids": checkpoint.eos_token_ids, "torch": "torch" in sys.modules}))
+                  "eos_token_ids": checkpoint.eos_token_ids, "torch": "torch" in sys.modules,
+                  "converters": "converters" in sys.modules}))
 """
 
 
@@ -240,6 +249,7 @@ def test_smollm2_gguf_loads_without_torch(smollm2_path, smollm2_hf):
     assert result.returncode == 0, result.stderr[-3000:]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["torch"] is False
+    assert got["converters"] is False               # loading never goes through the converter CLI
     assert got["ids"] == [hf_tokenizer(t)["input_ids"] for t in texts]
     assert got["chat_template"] == hf_tokenizer.chat_template
     assert got["eos_token_ids"] == [2]

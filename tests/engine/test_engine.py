@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from jpaged import LLM, SamplingParams
-from jpaged.engine import EngineConfig, LLMEngine
-from jpaged.loader import load_checkpoint
+from jpaged.engine.engine import EngineConfig, LLMEngine
+from jpaged.checkpoint.loader import load_checkpoint
 
 
 def make_engine(path, **kwargs) -> LLMEngine:

@@ -15,15 +15,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.attention import select_attention
-from jpaged.block_manager import BlockManager
-from jpaged.model import CausalLM, KVCache
+from jpaged.engine.attention import select_attention
+from jpaged.core.block_manager import BlockManager
+from jpaged.models.llama import CausalLM, KVCache
 from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
-from jpaged.runner import ModelRunner
-from jpaged.sampler import SamplerOutput
+from jpaged.engine.runner import ModelRunner
+from jpaged.engine.sampler import SamplerOutput
 from jpaged.sampling_params import SamplingParams
-from jpaged.scheduler import ScheduledSeq, Scheduler
-from jpaged.sequence import Sequence
+from jpaged.core.scheduler import ScheduledSeq, Scheduler
+from jpaged.core.sequence import Sequence
 
 logger = logging.getLogger("jpaged")
 _GIB = 1 << 30

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.sampling_params import MAX_LOGPROBS
-from jpaged.sequence import Sequence
+from jpaged.core.sequence import Sequence
 
 _NEG_INF = -jnp.inf
 

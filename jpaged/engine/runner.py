@@ -16,9 +16,9 @@ import time
 import jax
 import numpy as np
 
-from jpaged.model import AttentionMetadata, CausalLM, KVCache
-from jpaged.sampler import SamplerFlags, SamplerOutput, SamplingTensors, build_sampling_tensors, sample
-from jpaged.scheduler import ScheduledSeq
+from jpaged.models.llama import AttentionMetadata, CausalLM, KVCache
+from jpaged.engine.sampler import SamplerFlags, SamplerOutput, SamplingTensors, build_sampling_tensors, sample
+from jpaged.core.scheduler import ScheduledSeq
 
 logger = logging.getLogger("jpaged")
 

@@ -8,7 +8,7 @@ from typing import Sequence as Seq
 import jax
 from tqdm.auto import tqdm
 
-from jpaged.engine import EngineConfig, LLMEngine
+from jpaged.engine.engine import EngineConfig, LLMEngine
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 
@@ -25,7 +25,7 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto", **engine_kwargs):
-        from jpaged.loader import default_model_path, load_checkpoint
+        from jpaged.checkpoint.loader import default_model_path, load_checkpoint
 
         _check_engine_kwargs(engine_kwargs)
         checkpoint = load_checkpoint(model or default_model_path(), dtype=resolve_dtype(dtype))
@@ -34,7 +34,7 @@ class LLM:
 
     @classmethod
     def from_checkpoint(cls, checkpoint, **engine_kwargs) -> "LLM":
-        """An LLM over an already loaded `LoadedCheckpoint` (e.g. `jpaged.random_weights`)."""
+        """An LLM over an already loaded `LoadedCheckpoint` (e.g. `jpaged.models.random_weights`)."""
         _check_engine_kwargs(engine_kwargs)
         llm = cls.__new__(cls)
         llm.llm_engine = LLMEngine(checkpoint, EngineConfig(**engine_kwargs))

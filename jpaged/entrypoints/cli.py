@@ -47,6 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--attention-backend", default=None,
                      choices=["auto", "reference", "triton", "mosaic"])
     gen.add_argument("--quiet", action="store_true", help="only print the summary")
+    sub.add_parser("convert", add_help=False,
+                   help="convert an HF directory or a .gguf file into a jpaged checkpoint")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["convert"]:                      # the converter parses its own arguments
+        from jpaged.checkpoint.convert import main as convert_main
+        return convert_main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.weight_map import (GGUF_ARCHITECTURES, GGUF_TO_HF, match_pattern, shape_dims)
+from jpaged.checkpoint.weight_map import (GGUF_ARCHITECTURES, GGUF_TO_HF, match_pattern, shape_dims)
 from jpaged.config import SUPPORTED_DTYPES, ModelConfig
 
 logger = logging.getLogger(__name__)

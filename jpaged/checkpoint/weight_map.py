@@ -1,7 +1,7 @@
 """Declarative weight tables: HF tensor names -> jpaged params, and GGUF tensor names -> HF names.
 
 A new architecture is a table entry, not a script. `{}` in a name is the layer index; tensors with
-`{}` are stacked over layers on axis 0 (the `nn.scan` layout of jpaged/model.py). Every rule names
+`{}` are stacked over layers on axis 0 (the `nn.scan` layout of jpaged/models/llama.py). Every rule names
 the HF shape it expects in the shape legend (V vocab, D model dim, F MLP dim, N query heads, K KV
 heads, H head dim; "NH" is N * H), so a wrong tensor fails with its name and both shapes.
 """

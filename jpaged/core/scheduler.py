@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 from collections import deque
 
-from jpaged.block_manager import BlockManager
-from jpaged.sequence import Sequence, SequenceStatus
+from jpaged.core.block_manager import BlockManager
+from jpaged.core.sequence import Sequence, SequenceStatus
 
 
 @dataclasses.dataclass

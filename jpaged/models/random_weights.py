@@ -12,9 +12,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from converters.hf_to_jpaged import param_shapes
+from jpaged.checkpoint.params import param_shapes
 from jpaged.config import ModelConfig
-from jpaged.loader import LoadedCheckpoint
+from jpaged.checkpoint.loader import LoadedCheckpoint
 
 
 def random_checkpoint(hf_config: dict, dtype: str = "bfloat16", seed: int = 0) -> LoadedCheckpoint:

@@ -1,0 +1,58 @@
+"""Convert an HF model directory or a .gguf file into a jpaged checkpoint on disk.
+
+    jpaged convert SRC OUT [--dtype bfloat16|float16|float32]
+    python -m converters.hf_to_jpaged SRC OUT [--dtype ...]     (the same, from a checkout)
+
+OUT gets `params/` (an Orbax checkpoint of the CausalLM params pytree), `jpaged_config.json`, the
+source's config.json (synthesized in HF style for a GGUF), generation_config.json when the source has
+one, and the tokenizer files when it has a tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from jpaged.checkpoint.params import build_params, resolve_dtype, save_params
+from jpaged.checkpoint.sources import open_source
+from jpaged.config import SUPPORTED_DTYPES
+
+
+def convert(src: str | Path, out: str | Path, dtype: str | None = None, progress: bool = True) -> Path:
+    """Convert SRC (an HF directory or a .gguf file) into the jpaged checkpoint directory OUT."""
+    source = open_source(src)
+    config = source.config
+    dtype = resolve_dtype(dtype or source.default_dtype)
+    out = Path(out)
+    if (out / "params").exists():
+        raise FileExistsError(f"{out / 'params'} already exists: remove it or choose another OUT")
+    params = build_params(source, config, dtype, progress=progress)   # fails before OUT is touched
+    out.mkdir(parents=True, exist_ok=True)
+    save_params(out / "params", params)
+    config.to_json(out / "jpaged_config.json")
+    source.save_config_files(out)
+    source.save_tokenizer(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jpaged convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("src", help="HF model directory (config.json + *.safetensors) or .gguf file")
+    parser.add_argument("out", help="output directory for the jpaged checkpoint")
+    parser.add_argument("--dtype", choices=SUPPORTED_DTYPES, default=None,
+                        help="parameter dtype (default: the checkpoint's torch_dtype, else float32)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        out = convert(args.src, args.out, args.dtype)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Build the CausalLM params pytree from a checkpoint source through the weight tables.
+
+Each stacked leaf is filled layer by layer from the source, turned into a jax array, and its NumPy
+buffer dropped, so at most one leaf is held twice. The mapping itself lives in weight_map.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jpaged.checkpoint.sources import GGUFSource, HFSource
+from jpaged.checkpoint.weight_map import (HF_IGNORED_SUFFIXES, HF_TO_JPAGED, Rule, expected_shape,
+                                   layer_names, match_pattern, shape_dims)
+from jpaged.config import SUPPORTED_DTYPES, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_dtype(dtype) -> str:
+    """"bfloat16" / jnp.bfloat16 / np.dtype(...) -> its name, one of SUPPORTED_DTYPES."""
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}: jpaged supports {', '.join(SUPPORTED_DTYPES)}")
+    return name
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The CausalLM params pytree as jax.ShapeDtypeStruct leaves (float32), without allocating."""
+    from jpaged.models.llama import AttentionMetadata, CausalLM, KVCache
+
+    def init():
+        cache = KVCache.zeros(config, num_pages=2, page_size=1, dtype=jnp.float32)
+        one = jnp.zeros((1,), jnp.int32)
+        metadata = AttentionMetadata(block_tables=jnp.ones((1, 1), jnp.int32), slot_mapping=one,
+                                     context_lens=one + 1, query_start_loc=jnp.array([0, 1]))
+        return CausalLM(config).init(jax.random.key(0), one, one, cache, metadata)["params"]
+    return jax.eval_shape(init)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """Nested dict -> {"layers/attn/wq": leaf, ...}."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.update(flatten(value, path + "/") if isinstance(value, dict) else {path: value})
+    return out
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        *parents, name = path.split("/")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = leaf
+    return tree
+
+
+def build_params(source: HFSource | GGUFSource, config: ModelConfig, dtype: str,
+                 progress: bool = True) -> dict:
+    """Stream `source`'s tensors through HF_TO_JPAGED into the params pytree (jax arrays in dtype)."""
+    shapes = flatten(param_shapes(config))
+    by_dst = {rule.dst: (hf_name, rule) for hf_name, rule in HF_TO_JPAGED.items()}
+    dims, available = shape_dims(config), set(source.tensor_names())
+    _warn_unused(source, config, by_dst, shapes)
+    total = sum(len(layer_names(by_dst[dst][0], config.num_layers)) for dst in shapes)
+    params = {}
+    with tqdm(total=total, desc=f"converting {source.path.name}", unit="tensor",
+              disable=not progress) as bar:
+        for dst, shape in shapes.items():
+            if dst not in by_dst:
+                raise ValueError(f"jpaged param {dst} has no rule in jpaged.checkpoint.weight_map.HF_TO_JPAGED")
+            hf_name, rule = by_dst[dst]
+            leaf = np.empty(shape.shape, jnp.dtype(dtype))
+            for i, name in enumerate(layer_names(hf_name, config.num_layers)):
+                value = rule.transform(_read_checked(source, name, rule, dims, available), dims)
+                leaf[i if "{}" in hf_name else ...] = value
+                bar.update()
+            params[dst] = jnp.asarray(leaf)
+            del leaf
+    return unflatten(params)
+
+
+def _read_checked(source, name: str, rule: Rule, dims: dict[str, int], available: set[str]):
+    if name not in available:
+        raise ValueError(f"{source.path}: missing tensor {source.source_name(name)}, needed for "
+                         f"jpaged param {rule.dst}")
+    expected, actual = expected_shape(rule, dims), source.shape(name)
+    if actual != expected:
+        letters = "[" + ", ".join(rule.shape) + "]"
+        raise ValueError(f"{source.path}: tensor {source.source_name(name)} has shape {list(actual)}, "
+                         f"expected {list(expected)} = {letters} from the config")
+    return source.read(name)
+
+
+def _warn_unused(source, config: ModelConfig, by_dst: dict, shapes: dict) -> None:
+    used = {by_dst[dst][0] for dst in shapes if dst in by_dst}
+    unused = []
+    for name in source.tensor_names():
+        match = match_pattern(name, HF_TO_JPAGED)
+        if match is None and not name.endswith(HF_IGNORED_SUFFIXES):
+            unused.append(name)
+        elif match is not None and match[0] not in used and name != "lm_head.weight":
+            unused.append(name)   # e.g. a bias the config does not enable
+    if unused:
+        logger.warning("%s: %d tensors are not used by jpaged's %s model: %s", source.path, len(unused),
+                       config.architecture, preview(unused))
+
+
+def preview(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def save_params(path: Path, params: dict) -> None:
+    import orbax.checkpoint as ocp
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path.resolve(), params)
+    checkpointer.wait_until_finished()
+
+

@@ -1,0 +1,1 @@
+"""What users call: the offline `LLM` (llm.py) and the `jpaged` command (cli.py)."""
