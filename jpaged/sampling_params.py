@@ -3,10 +3,42 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _is_list_of(check):
+    return lambda x: isinstance(x, (list, tuple)) and all(check(v) for v in x)
+
+
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")
+_TYPES = {
+    "n": (_is_int, "an int"),
+    **{name: (_is_number, "a number") for name in _FLOAT_FIELDS},
+    "top_k": (_is_int, "an int"),
+    "seed": (lambda x: x is None or _is_int(x), "an int or None"),
+    "max_tokens": (lambda x: x is None or _is_int(x), "an int or None"),
+    "min_tokens": (_is_int, "an int"),
+    "stop": (lambda x: x is None or isinstance(x, str) or _is_list_of(lambda v: isinstance(v, str))(x),
+             "a string, a list of strings or None"),
+    "stop_token_ids": (lambda x: x is None or _is_list_of(_is_int)(x), "a list of ints or None"),
+    "ignore_eos": (lambda x: isinstance(x, bool), "a bool"),
+    "logprobs": (lambda x: x is None or _is_int(x), "an int or None"),
+    "include_stop_str_in_output": (lambda x: isinstance(x, bool), "a bool"),
+    "skip_special_tokens": (lambda x: isinstance(x, bool), "a bool"),
+}
 
 
 @dataclasses.dataclass
@@ -30,13 +62,29 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self):
+        self._check_types()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        for name in _FLOAT_FIELDS:
+            setattr(self, name, float(getattr(self, name)))
+        for name in ("n", "top_k", "min_tokens", "seed", "max_tokens", "logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, int(getattr(self, name)))
+        self.stop_token_ids = [int(t) for t in self.stop_token_ids]
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
+
+    def _check_types(self) -> None:
+        """Wrong types get an error naming the field, the value and what is expected (not a
+        TypeError from a comparison deep inside the checks)."""
+        for name, (ok, expected) in _TYPES.items():
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"SamplingParams: {name} must be {expected}, got {value!r} "
+                                 f"({type(value).__name__})")
 
     @property
     def greedy(self) -> bool:

@@ -52,6 +52,28 @@ def smollm2_hf(smollm2_path):
     return model, tokenizer
 
 
+class BackendCompiles:
+    """Counts XLA backend compilations as JAX itself reports them (jax.monitoring), independently
+    of the engine's own counters."""
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+
+@pytest.fixture
+def backend_compiles():
+    import jax
+    listener = BackendCompiles()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    yield listener
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 @pytest.fixture(scope="session")
 def hf_greedy():
     """The function below, as a fixture (test modules cannot import from conftest reliably)."""

@@ -14,23 +14,42 @@ from collections import deque
 
 from jpaged.core.block_manager import BlockManager
 from jpaged.core.sequence import Sequence, SequenceStatus
+from jpaged.sampling_params import SamplingParams
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ScheduledSeq:
-    seq: Sequence
-    num_new_tokens: int          # tokens computed this step, from seq.num_computed_tokens on
+    """One sequence's share of a step, as plain data for the runner and sampler.
+
+    NOTE: `token_ids` is the sequence's own list (prompt + output so far), handed over without a
+    copy; the runner and sampler only read it, and only before the engine appends this step's token.
+    """
+    seq_id: int
+    request_id: str
+    num_computed_tokens: int     # positions num_computed_tokens .. + num_new_tokens - 1 run now
+    num_new_tokens: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_table: tuple[int, ...]  # page ids covering every token computed so far and now
+    params: SamplingParams
+    seed: int                    # per-sequence sampling seed
 
     @property
     def samples(self) -> bool:
         """Whether this step computes the sequence's last token, so its sample is kept."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.num_computed_tokens + self.num_new_tokens == len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @dataclasses.dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
-    preempted: list[Sequence]
+    preempted: list[int]                       # seq ids preempted by this step
+    # (src, dst) page copies to apply before the step (copy-on-write); empty until forks exist
+    pages_to_copy: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -59,14 +78,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledSeq] = []
+        scheduled: list[tuple[Sequence, int]] = []
         preempted: list[Sequence] = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             if self._allocate_or_preempt(seq, seq.num_computed_tokens + n, preempted):
-                scheduled.append(ScheduledSeq(seq, n))
+                scheduled.append((seq, n))
                 budget -= n
                 i += 1
         while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
@@ -85,9 +104,10 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            scheduled.append(ScheduledSeq(seq, n))
+            scheduled.append((seq, n))
             budget -= n
-        return SchedulerOutput(scheduled, preempted)
+        return SchedulerOutput([_plain(seq, n) for seq, n in scheduled],
+                               [seq.seq_id for seq in preempted])
 
     def _prompt_pending(self, seq: Sequence) -> bool:
         """NOTE: the samples of an n > 1 request wait until sample 0 has computed the shared
@@ -130,3 +150,9 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = "abort"
+
+
+def _plain(seq: Sequence, num_new_tokens: int) -> ScheduledSeq:
+    return ScheduledSeq(seq.seq_id, seq.request_id, seq.num_computed_tokens, num_new_tokens,
+                        seq.token_ids, seq.num_prompt_tokens, tuple(seq.block_table), seq.params,
+                        seq.seed)

@@ -42,7 +42,6 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict] = []
         self.cumulative_logprob = 0.0
-        self.text = ""                          # detokenized output, kept current only with stops
 
     @property
     def num_tokens(self) -> int:

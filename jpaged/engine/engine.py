@@ -15,15 +15,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.engine.attention import select_attention
 from jpaged.core.block_manager import BlockManager
-from jpaged.models.llama import CausalLM, KVCache
-from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
-from jpaged.engine.runner import ModelRunner
-from jpaged.engine.sampler import SamplerOutput
-from jpaged.sampling_params import SamplingParams
 from jpaged.core.scheduler import ScheduledSeq, Scheduler
 from jpaged.core.sequence import Sequence
+from jpaged.engine.attention import ProbeShape, select_attention
+from jpaged.engine.detokenizer import IncrementalDetokenizer
+from jpaged.engine.runner import ModelRunner
+from jpaged.engine.sampler import SamplerOutput
+from jpaged.models.llama import CausalLM, KVCache
+from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jpaged.sampling_params import SamplingParams
 
 logger = logging.getLogger("jpaged")
 _GIB = 1 << 30
@@ -36,7 +37,9 @@ class EngineConfig:
     max_model_len: int | None = None           # None: the model's max_position_embeddings
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    gpu_memory_utilization: float = 0.9        # fraction of free GPU memory for the KV pool
+    # vLLM's meaning: the fraction of the device's memory the engine may fill; the KV pool gets
+    # that share of the device limit minus what is already in use (the weights, above all)
+    gpu_memory_utilization: float = 0.9
     cpu_kv_cache_space_gib: float = 4.0        # KV pool on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE)
     attention_backend: str | None = None
     enable_prefix_caching: bool = True         # share the pages of equal prompt prefixes
@@ -60,6 +63,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer | None]   # per sample; None: decode once at the end
 
 
 class LLMEngine:
@@ -75,7 +79,9 @@ class LLMEngine:
         if config.max_num_batched_tokens < config.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
                              f"max_num_seqs ({config.max_num_seqs})")
-        self.attention = select_attention(config.attention_backend)
+        self.attention = select_attention(config.attention_backend, ProbeShape(
+            mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype.name, config.page_size,
+            mc.sliding_window))
         num_pages = self._choose_num_pages()
         capacity = (num_pages - 1) * config.page_size
         if self.max_model_len > capacity:
@@ -92,6 +98,7 @@ class LLMEngine:
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len)
         self.requests: dict[str, Request] = {}
+        self._seqs: dict[int, Sequence] = {}       # seq id -> live sequence
         self._rng = np.random.default_rng(config.seed)
         self.num_steps = 0
         self.step_seconds = 0.0
@@ -113,19 +120,28 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids)
+        vocab = self.model_config.vocab_size
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise ValueError(f"SamplingParams: stop_token_ids {params.stop_token_ids} has ids outside "
+                             f"the vocabulary (vocab size {vocab}); give ids below {vocab}")
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids))
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         seqs = [Sequence(request_id, i, token_ids, params, (base_seed + i * 0x9E3779B9) % 2**32,
                          max_tokens) for i in range(params.n)]
         for sibling in seqs[1:]:
             sibling.first_sibling = seqs[0]
-        self.requests[request_id] = Request(request_id, text, token_ids, params, seqs)
+        incremental = self.tokenizer is not None and bool(params.stop)
+        detokenizers = [IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+                        if incremental else None for _ in seqs]
+        self.requests[request_id] = Request(request_id, text, token_ids, params, seqs, detokenizers)
         for seq in seqs:
+            self._seqs[seq.seq_id] = seq
             self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> None:
         request = self.requests.pop(request_id, None)
         for seq in request.seqs if request else []:
+            self._seqs.pop(seq.seq_id, None)
             if not seq.is_finished:
                 self.scheduler.abort(seq)
 
@@ -156,7 +172,7 @@ class LLMEngine:
             return []
         bm = self.block_manager
         self.peak_pages_used = max(self.peak_pages_used, bm.num_usable_pages - bm.num_free_pages)
-        sampled = self.runner.execute(out.scheduled, self.eos_token_ids)
+        sampled = self.runner.execute(out, self.eos_token_ids)
         self.num_steps += 1
         return self._process(out.scheduled, sampled)
 
@@ -225,18 +241,19 @@ class LLMEngine:
 
     def _process(self, scheduled: list[ScheduledSeq], sampled: SamplerOutput) -> list[RequestOutput]:
         finished_requests = []
-        for i, s in enumerate(scheduled):
-            seq, samples = s.seq, s.samples
-            seq.num_computed_tokens += s.num_new_tokens
+        for i, row in enumerate(scheduled):
+            seq = self._seqs[row.seq_id]
+            seq.num_computed_tokens += row.num_new_tokens
             self.block_manager.commit(seq)
-            if not samples:
+            if not row.samples:
                 continue
             token = int(sampled.token_ids[i])
             seq.token_ids.append(token)
             self._record_logprobs(seq, sampled, i, token)
-            self._check_stop(seq, token)
+            request = self.requests[seq.request_id]
+            self._check_stop(seq, token, request.detokenizers[seq.index])
             if seq.is_finished:
-                request = self.requests[seq.request_id]
+                del self._seqs[seq.seq_id]
                 if all(q.is_finished for q in request.seqs):
                     finished_requests.append(self._request_output(self.requests.pop(seq.request_id)))
         return finished_requests
@@ -252,40 +269,50 @@ class LLMEngine:
             entry.setdefault(int(tid), Logprob(float(tlp), rank + 1))
         seq.logprobs.append(entry)
 
-    def _check_stop(self, seq: Sequence, token: int) -> None:
+    def _check_stop(self, seq: Sequence, token: int, detok: IncrementalDetokenizer | None) -> None:
+        """vLLM's order: the length cap, then EOS and stop ids (banned under min_tokens by the
+        sampler), then stop strings, which are searched only in the text of tokens past min_tokens
+        and, when found, override a length finish."""
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return self.scheduler.finish(seq, "stop")
-            if token in p.stop_token_ids:
-                return self.scheduler.finish(seq, "stop", token)
-            if p.stop and self._hit_stop_string(seq):
-                return None
         if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
             self.scheduler.finish(seq, "length")
-
-    def _hit_stop_string(self, seq: Sequence) -> bool:
-        """Update seq.text; on a stop string, cut the text there and finish the sequence."""
-        previous = len(seq.text)
-        seq.text = self._decode(seq)
-        for stop in seq.params.stop:
-            at = seq.text.find(stop, max(0, previous - len(stop) + 1))
+        elif not p.ignore_eos and token in self.eos_token_ids:
+            self.scheduler.finish(seq, "stop")
+        elif token in p.stop_token_ids:
+            self.scheduler.finish(seq, "stop", token)
+        if detok is None or seq.finish_reason == "stop":    # a stop token's text is not output
+            return
+        checked = len(detok.text)
+        new_text = detok.add(token)
+        if not new_text or seq.num_output_tokens <= p.min_tokens:
+            return
+        for stop in p.stop:
+            at = detok.text.find(stop, max(0, checked - len(stop) + 1))
             if at >= 0:
-                seq.text = seq.text[:at + (len(stop) if seq.params.include_stop_str_in_output else 0)]
-                self.scheduler.finish(seq, "stop", stop)
-                return True
-        return False
+                detok.text = detok.text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
+                if seq.is_finished:                   # a stop string overrides a length finish
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                else:
+                    self.scheduler.finish(seq, "stop", stop)
+                return
 
-    def _decode(self, seq: Sequence) -> str:
+    def _final_text(self, seq: Sequence, detok: IncrementalDetokenizer | None) -> str:
+        """The output text. A stop token's own text is left out (vLLM), unless
+        include_stop_str_in_output; so is a special token's with skip_special_tokens."""
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(seq.output_token_ids,
-                                     skip_special_tokens=seq.params.skip_special_tokens)
+        if detok is not None and isinstance(seq.stop_reason, str):
+            return detok.text
+        ids = seq.output_token_ids
+        stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
+        if stopped_by_token and not seq.params.include_stop_str_in_output:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
 
     def _request_output(self, request: Request) -> RequestOutput:
         outputs = []
-        for seq in request.seqs:
-            text = seq.text if seq.stop_reason in seq.params.stop else self._decode(seq)
+        for seq, detok in zip(request.seqs, request.detokenizers):
+            text = self._final_text(seq, detok)
             outputs.append(CompletionOutput(
                 index=seq.index, text=text, token_ids=seq.output_token_ids,
                 cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,

@@ -16,9 +16,10 @@ import time
 import jax
 import numpy as np
 
+from jpaged.core.scheduler import ScheduledSeq, SchedulerOutput
+from jpaged.engine.sampler import (SamplerFlags, SamplerOutput, SamplingTensors,
+                                   build_sampling_tensors, sample)
 from jpaged.models.llama import AttentionMetadata, CausalLM, KVCache
-from jpaged.engine.sampler import SamplerFlags, SamplerOutput, SamplingTensors, build_sampling_tensors, sample
-from jpaged.core.scheduler import ScheduledSeq
 
 logger = logging.getLogger("jpaged")
 
@@ -32,6 +33,15 @@ class StepInputs:
 
 jax.tree_util.register_dataclass(StepInputs, data_fields=["token_ids", "positions", "metadata"],
                                  meta_fields=[])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepKey:
+    """One shape bucket of the step: one compiled executable each."""
+    num_tokens: int      # T, padded
+    num_seqs: int        # B, padded
+    num_pages: int       # P, block-table width, padded
+    decode_only: bool
 
 
 def step(model: CausalLM, params, kv_cache: KVCache, batch: StepInputs):
@@ -61,14 +71,18 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.page_size = kv_cache.page_size
         self.vocab_size = model.config.vocab_size
+        self.max_model_len = max_model_len
         self.seq_buckets = geometric_buckets(1, max_num_seqs)
         self.token_buckets = geometric_buckets(16, max(16, max_num_batched_tokens), per_octave=4)
         max_pages = -(-max_model_len // self.page_size)
-        # Every padded token costs a full forward and attention reads every padded page, so tokens
-        # and pages get finer buckets than sequences (whose padding only costs LM-head rows).
+        # Every padded token costs a full forward, and the reference attention reads every padded
+        # page of the block table, so tokens and pages get finer buckets than sequences (whose
+        # padding only costs LM-head rows).
         self.page_buckets = geometric_buckets(1, max_pages, per_octave=4)
-        self._steps: dict[tuple, jax.stages.Compiled] = {}
-        self._jit_step = jax.jit(functools.partial(step, model), donate_argnums=(1,))
+        self.copy_buckets = geometric_buckets(1, max(1, max_num_seqs))
+        self._steps: dict[StepKey, jax.stages.Compiled] = {}
+        self._jit_step = jax.jit(functools.partial(step, model), donate_argnames=("kv_cache",))
+        self._jit_copy = jax.jit(copy_pages, donate_argnames=("kv_cache",))
         self._jit_sample = jax.jit(self._sample_traced, static_argnames=("flags",))
         self.num_step_compilations = 0
         self.num_sampler_compilations = 0
@@ -79,28 +93,30 @@ class ModelRunner:
     def num_compilations(self) -> int:
         return self.num_step_compilations + self.num_sampler_compilations
 
-    def execute(self, scheduled: list[ScheduledSeq], eos_token_ids: tuple[int, ...]) -> SamplerOutput:
-        """Run one step and sample; `eos_token_ids` are banned for sequences under min_tokens."""
-        inputs, key = self.prepare_inputs(scheduled)
+    def execute(self, out: SchedulerOutput, eos_token_ids: tuple[int, ...]) -> SamplerOutput:
+        """Apply the step's page copies, run the step, and sample; `eos_token_ids` are banned for
+        sequences under min_tokens."""
+        if out.pages_to_copy:
+            self.kv_cache = self._jit_copy(self.kv_cache, *self._copy_indices(out.pages_to_copy))
+        inputs, key = self.prepare_inputs(out.scheduled)
         fn = self._steps.get(key) or self._compile(key, inputs)
         logits, self.kv_cache = fn(self.params, self.kv_cache, inputs)
-        seqs = [s.seq for s in scheduled]
-        tensors, flags = build_sampling_tensors(seqs, key[1], self.vocab_size, eos_token_ids)
-        tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, SamplingTensors(**tensors),
-                                                             flags=flags)
-        n = len(seqs)
+        tensors, flags = build_sampling_tensors(out.scheduled, key.num_seqs, self.vocab_size,
+                                                self.max_model_len, eos_token_ids)
+        tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, tensors, flags=flags)
+        n = len(out.scheduled)
         waiting = time.perf_counter()
         rows = [None if x is None else np.asarray(x)[:n] for x in (tokens, logprobs, top_ids, top_lp)]
         self.device_wait_seconds += time.perf_counter() - waiting
         return SamplerOutput(*rows)
 
-    def prepare_inputs(self, scheduled: list[ScheduledSeq]) -> tuple[StepInputs, tuple]:
+    def prepare_inputs(self, scheduled: list[ScheduledSeq]) -> tuple[StepInputs, StepKey]:
         num_seqs = len(scheduled)
         num_tokens = sum(s.num_new_tokens for s in scheduled)
         decode_only = all(s.num_new_tokens == 1 for s in scheduled)
         b_pad = _pick(self.seq_buckets, num_seqs)
         t_pad = b_pad if decode_only else _pick(self.token_buckets, num_tokens)
-        p_pad = _pick(self.page_buckets, max(len(s.seq.block_table) for s in scheduled))
+        p_pad = _pick(self.page_buckets, max(len(s.block_table) for s in scheduled))
         token_ids = np.zeros(t_pad, np.int32)
         positions = np.zeros(t_pad, np.int32)
         slot_mapping = np.zeros(t_pad, np.int32)
@@ -109,10 +125,10 @@ class ModelRunner:
         query_start_loc = np.zeros(b_pad + 1, np.int32)
         offset = 0
         for i, s in enumerate(scheduled):
-            seq, n, start = s.seq, s.num_new_tokens, s.seq.num_computed_tokens
+            n, start = s.num_new_tokens, s.num_computed_tokens
             pos = np.arange(start, start + n, dtype=np.int32)
-            block_tables[i, :len(seq.block_table)] = seq.block_table
-            token_ids[offset:offset + n] = seq.token_ids[start:start + n]
+            block_tables[i, :len(s.block_table)] = s.block_table
+            token_ids[offset:offset + n] = s.token_ids[start:start + n]
             positions[offset:offset + n] = pos
             slot_mapping[offset:offset + n] = (block_tables[i, pos // self.page_size] * self.page_size
                                                + pos % self.page_size)
@@ -122,21 +138,35 @@ class ModelRunner:
         query_start_loc[num_seqs + 1:] = offset
         metadata = AttentionMetadata(block_tables, slot_mapping, context_lens, query_start_loc,
                                      decode_only=decode_only)
-        return StepInputs(token_ids, positions, metadata), (t_pad, b_pad, p_pad, decode_only)
+        return (StepInputs(token_ids, positions, metadata),
+                StepKey(num_tokens=t_pad, num_seqs=b_pad, num_pages=p_pad, decode_only=decode_only))
 
-    def _compile(self, key: tuple, inputs: StepInputs):
+    def _copy_indices(self, pages_to_copy: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(src, dst) page ids padded to a bucket with (0, 0): the null page copied onto itself."""
+        size = next((b for b in self.copy_buckets if b >= len(pages_to_copy)), len(pages_to_copy))
+        src, dst = np.zeros(size, np.int32), np.zeros(size, np.int32)
+        src[:len(pages_to_copy)], dst[:len(pages_to_copy)] = zip(*pages_to_copy)
+        return src, dst
+
+    def _compile(self, key: StepKey, inputs: StepInputs):
         start = time.perf_counter()
         compiled = self._jit_step.lower(self.params, self.kv_cache, inputs).compile()
         self._steps[key] = compiled
         self.num_step_compilations += 1
         seconds = time.perf_counter() - start
         self.compile_seconds += seconds
-        t, b, p, decode_only = key
         logger.info("compiled step #%d for %s batch T=%d B=%d P=%d in %.1fs",
-                    self.num_step_compilations, "decode" if decode_only else "mixed", t, b, p,
-                    seconds)
+                    self.num_step_compilations, "decode" if key.decode_only else "mixed",
+                    key.num_tokens, key.num_seqs, key.num_pages, seconds)
         return compiled
 
     def _sample_traced(self, logits, tensors: SamplingTensors, *, flags: SamplerFlags):
         self.num_sampler_compilations += 1  # runs once per trace, i.e. per compiled variant
         return sample(logits, tensors, flags=flags)
+
+
+def copy_pages(kv_cache: KVCache, src, dst) -> KVCache:
+    """Copy pages src[i] -> dst[i] of every layer and KV head (copy-on-write), in place when the
+    cache is donated. src, dst [C] int32; padding pairs are (0, 0)."""
+    return KVCache(kv_cache.k.at[:, :, dst].set(kv_cache.k[:, :, src]),
+                   kv_cache.v.at[:, :, dst].set(kv_cache.v[:, :, src]))

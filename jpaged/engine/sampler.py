@@ -9,12 +9,13 @@ Only B random numbers are drawn per step, not B x V.
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged.core.scheduler import ScheduledSeq
 from jpaged.sampling_params import MAX_LOGPROBS
-from jpaged.core.sequence import Sequence
 
 _NEG_INF = -jnp.inf
 
@@ -30,9 +31,9 @@ class SamplingTensors:
     presence: jax.Array      # [B] float32
     frequency: jax.Array     # [B] float32
     repetition: jax.Array    # [B] float32
-    prompt_ids: jax.Array    # [B, Mp] int32, padded with V (empty when no penalties)
-    output_ids: jax.Array    # [B, Mo] int32, padded with V
-    banned_ids: jax.Array    # [B, Mb] int32, padded with V (EOS/stop ids before min_tokens)
+    token_ids: jax.Array     # [B, M] int32 prompt + output ids, padded with V ([B, 0] without penalties)
+    prompt_lens: jax.Array   # [B] int32: token_ids[b, :prompt_lens[b]] is the prompt
+    banned: jax.Array        # [B, V] bool: EOS / stop ids under min_tokens ([B, 0] when none)
 
 
 jax.tree_util.register_dataclass(
@@ -41,10 +42,12 @@ jax.tree_util.register_dataclass(
 
 @dataclasses.dataclass(frozen=True)
 class SamplerFlags:
-    """Static switches: each combination is one compiled sampler variant."""
+    """Static switches: each combination is one compiled sampler variant (a fixed, small set, so a
+    long run never compiles again: every array's shape depends only on B, M and V)."""
     all_greedy: bool
     use_filters: bool
     use_penalties: bool
+    use_bans: bool           # some row is under min_tokens with ids to ban
     logprobs: bool           # any sequence asked for logprobs: return them (top MAX_LOGPROBS too)
 
 
@@ -56,56 +59,56 @@ class SamplerOutput:
     top_logprobs: np.ndarray | None  # [B, MAX_LOGPROBS]
 
 
-def build_sampling_tensors(seqs: list[Sequence], num_rows: int, vocab_size: int,
-                           eos_token_ids: tuple[int, ...]) -> tuple[dict, SamplerFlags]:
-    """Host-side arrays for `seqs` padded to `num_rows`, plus the static flags."""
-    params = [s.params for s in seqs]
-    use_penalties = any(p.uses_penalties for p in params)
+def build_sampling_tensors(rows: list[ScheduledSeq], num_rows: int, vocab_size: int,
+                           max_model_len: int, eos_token_ids: tuple[int, ...]
+                           ) -> tuple[SamplingTensors, SamplerFlags]:
+    """Host-side arrays for `rows` padded to `num_rows`, plus the static flags.
+
+    NOTE: fixed shapes. Penalty ids are [B, max_model_len] and bans a [B, V] mask, so neither
+    grows with the outputs: the sampler compiles once per flag combination and B bucket.
+    """
+    params = [r.params for r in rows]
+    banned = [_banned_ids(r, eos_token_ids) for r in rows]
     flags = SamplerFlags(all_greedy=all(p.greedy for p in params),
                          use_filters=any(p.uses_filters for p in params),
-                         use_penalties=use_penalties,
+                         use_penalties=any(p.uses_penalties for p in params),
+                         use_bans=any(banned),
                          logprobs=any(p.logprobs is not None for p in params))
 
-    def column(fn, dtype, fill):
+    def column(values, dtype, fill):
         out = np.full(num_rows, fill, dtype)
-        out[:len(seqs)] = [fn(s) for s in seqs]
+        out[:len(rows)] = values
         return out
 
-    banned = [_banned_ids(s, eos_token_ids) for s in seqs]
-    tensors = dict(
-        temperature=column(lambda s: 0.0 if s.params.greedy else s.params.temperature, np.float32, 0.0),
-        top_k=column(lambda s: s.params.top_k, np.int32, 0),
-        top_p=column(lambda s: s.params.top_p, np.float32, 1.0),
-        min_p=column(lambda s: s.params.min_p, np.float32, 0.0),
-        seeds=column(lambda s: s.seed, np.uint32, 0),
-        steps=column(lambda s: s.num_output_tokens, np.int32, 0),
-        presence=column(lambda s: s.params.presence_penalty, np.float32, 0.0),
-        frequency=column(lambda s: s.params.frequency_penalty, np.float32, 0.0),
-        repetition=column(lambda s: s.params.repetition_penalty, np.float32, 1.0),
-        prompt_ids=_pad_ids([s.prompt_token_ids for s in seqs] if use_penalties else [], num_rows,
-                            vocab_size),
-        output_ids=_pad_ids([s.output_token_ids for s in seqs] if use_penalties else [], num_rows,
-                            vocab_size),
-        banned_ids=_pad_ids(banned if any(banned) else [], num_rows, vocab_size),
+    token_ids = np.full((num_rows, max_model_len if flags.use_penalties else 0), vocab_size, np.int32)
+    mask = np.zeros((num_rows, vocab_size if flags.use_bans else 0), bool)
+    for i, r in enumerate(rows):
+        if flags.use_penalties and r.params.uses_penalties:
+            token_ids[i, :len(r.token_ids)] = r.token_ids
+        mask[i, [t for t in banned[i] if t < vocab_size]] = True
+    tensors = SamplingTensors(
+        temperature=column([0.0 if p.greedy else p.temperature for p in params], np.float32, 0.0),
+        top_k=column([p.top_k for p in params], np.int32, 0),
+        top_p=column([p.top_p for p in params], np.float32, 1.0),
+        min_p=column([p.min_p for p in params], np.float32, 0.0),
+        seeds=column([r.seed for r in rows], np.uint32, 0),
+        steps=column([r.num_output_tokens for r in rows], np.int32, 0),
+        presence=column([p.presence_penalty for p in params], np.float32, 0.0),
+        frequency=column([p.frequency_penalty for p in params], np.float32, 0.0),
+        repetition=column([p.repetition_penalty for p in params], np.float32, 1.0),
+        token_ids=token_ids,
+        prompt_lens=column([r.num_prompt_tokens for r in rows], np.int32, 0),
+        banned=mask,
     )
     return tensors, flags
 
 
-def _banned_ids(seq: Sequence, eos_token_ids: tuple[int, ...]) -> list[int]:
-    if seq.num_output_tokens >= seq.params.min_tokens:
+def _banned_ids(row: ScheduledSeq, eos_token_ids: tuple[int, ...]) -> list[int]:
+    """vLLM's min_tokens: the model's EOS ids and the stop ids are banned until min_tokens output
+    tokens exist, also with ignore_eos=True (vLLM always adds the EOS id to the banned set)."""
+    if row.num_output_tokens >= row.params.min_tokens:
         return []
-    eos = [] if seq.params.ignore_eos else list(eos_token_ids)
-    return eos + seq.params.stop_token_ids
-
-
-def _pad_ids(rows: list[list[int]], num_rows: int, pad: int) -> np.ndarray:
-    """[num_rows, width] with width a power of two (0 when there is nothing), padded with `pad`."""
-    longest = max((len(r) for r in rows), default=0)
-    width = 0 if longest == 0 else 1 << (longest - 1).bit_length()
-    out = np.full((num_rows, width), pad, np.int32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = r
-    return out
+    return [*eos_token_ids, *row.params.stop_token_ids]
 
 
 def sample(logits, t: SamplingTensors, *, flags: SamplerFlags):
@@ -119,8 +122,8 @@ def sample(logits, t: SamplingTensors, *, flags: SamplerFlags):
     raw = logits
     if flags.use_penalties:
         logits = _apply_penalties(logits, t)
-    if t.banned_ids.shape[1]:
-        logits = _scatter_rows(logits, t.banned_ids, _NEG_INF, mode="set")
+    if flags.use_bans:
+        logits = jnp.where(t.banned, _NEG_INF, logits)
     greedy = _argmax(logits)
     if flags.all_greedy:
         tokens = greedy
@@ -205,17 +208,18 @@ def _apply_filters(scaled, probs, top_k, top_p, min_p, iterations=24):
 def _apply_penalties(logits, t: SamplingTensors):
     """vLLM semantics: repetition over prompt+output, presence/frequency over the output."""
     num_rows, vocab = logits.shape
-    counts = _scatter_rows(jnp.zeros((num_rows, vocab), jnp.float32), t.output_ids, 1.0, mode="add")
-    in_prompt = _scatter_rows(jnp.zeros((num_rows, vocab), jnp.float32), t.prompt_ids, 1.0,
-                              mode="set") > 0
+    is_output = jnp.arange(t.token_ids.shape[1])[None, :] >= t.prompt_lens[:, None]     # [B, M]
+    counts = _count_rows(num_rows, vocab, t.token_ids, is_output)                       # [B, V]
+    in_prompt = _count_rows(num_rows, vocab, t.token_ids, ~is_output) > 0
     seen = in_prompt | (counts > 0)
     rep = t.repetition[:, None]
     logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     return logits - t.frequency[:, None] * counts - t.presence[:, None] * (counts > 0)
 
 
-def _scatter_rows(x, ids, value, *, mode):
-    """Set or add `value` at x[b, ids[b, j]] for every id < V (ids == V is padding, dropped)."""
-    rows = jnp.broadcast_to(jnp.arange(x.shape[0])[:, None], ids.shape)
-    ref = x.at[rows, ids]
-    return ref.set(value, mode="drop") if mode == "set" else ref.add(value, mode="drop")
+def _count_rows(num_rows, vocab, ids, where):
+    """[B, V] float32 counts of ids[b, j] over the j where `where[b, j]`; ids == V (padding) are
+    dropped."""
+    rows = jnp.broadcast_to(jnp.arange(num_rows)[:, None], ids.shape)
+    zeros = jnp.zeros((num_rows, vocab), jnp.float32)
+    return zeros.at[rows, ids].add(where.astype(jnp.float32), mode="drop")

@@ -12,11 +12,11 @@ def seq(request_id, num_prompt):
 
 def run_step(sched, out, token=7):
     """What the engine does after the device step: advance and append a sampled token."""
+    running = {q.seq_id: q for q in sched.running}
     for s in out.scheduled:
-        samples = s.samples
-        s.seq.num_computed_tokens += s.num_new_tokens
-        if samples:
-            s.seq.token_ids.append(token)
+        running[s.seq_id].num_computed_tokens += s.num_new_tokens
+        if s.samples:
+            running[s.seq_id].token_ids.append(token)
 
 
 def test_prefill_then_decode_in_one_batch():
@@ -25,13 +25,13 @@ def test_prefill_then_decode_in_one_batch():
     a, b = seq("a", 6), seq("b", 3)
     sched.add(a)
     out = sched.schedule()
-    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 6)]
+    assert [(s.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 6)]
     assert a.block_table == [1, 2]
     run_step(sched, out)
     sched.add(b)
     out = sched.schedule()
     # a decodes one token, b prefills in the same step
-    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 3)]
+    assert [(s.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 1), ("b", 3)]
     assert b.block_table == [3]
     assert all(s.samples for s in out.scheduled)
 
@@ -57,7 +57,7 @@ def test_max_num_seqs_limits_admission():
     for name in "abc":
         sched.add(seq(name, 2))
     out = sched.schedule()
-    assert [s.seq.request_id for s in out.scheduled] == ["a", "b"]
+    assert [s.request_id for s in out.scheduled] == ["a", "b"]
     assert [s.request_id for s in sched.waiting] == ["c"]
 
 
@@ -72,8 +72,8 @@ def test_preempts_newest_and_resumes_it_first():
     run_step(sched, out)
     # both need a third page now; none is free: b (newest) is preempted, a gets b's page back
     out = sched.schedule()
-    assert [s.seq.request_id for s in out.scheduled] == ["a"]
-    assert out.preempted == [b]
+    assert [s.request_id for s in out.scheduled] == ["a"]
+    assert out.preempted == [b.seq_id]
     assert b.status is SequenceStatus.WAITING and b.num_computed_tokens == 0 and b.block_table == []
     assert a.block_table == [1, 2, 4]
     assert list(sched.waiting) == [b]
@@ -82,7 +82,7 @@ def test_preempts_newest_and_resumes_it_first():
     # a finishes; b is recomputed from scratch: prompt + its one output token
     sched.finish(a, "length")
     out = sched.schedule()
-    assert [(s.seq.request_id, s.num_new_tokens) for s in out.scheduled] == [("b", 5)]
+    assert [(s.request_id, s.num_new_tokens) for s in out.scheduled] == [("b", 5)]
     assert b.block_table == [3, 4, 2]              # free list was [3] + a's [4, 2, 1]
     sched.finish(b, "length")
     assert bm.all_free()
@@ -97,6 +97,6 @@ def test_running_sequence_preempts_itself_when_alone_at_the_end():
     run_step(sched, sched.schedule())
     assert (a.block_table, b.block_table) == ([1], [2, 3])
     out = sched.schedule()                           # a needs page 2 of its own: b goes
-    assert out.preempted == [b]
-    assert [s.seq.request_id for s in out.scheduled] == ["a"]
+    assert out.preempted == [b.seq_id]
+    assert [s.request_id for s in out.scheduled] == ["a"]
     assert a.block_table == [1, 3]

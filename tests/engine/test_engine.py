@@ -60,7 +60,7 @@ def test_greedy_matches_hf_with_staggered_arrivals_preemption_and_chunking(tiny_
     assert_all_pages_free(engine)
 
 
-def test_compilation_count_stays_flat_after_warmup(tiny_llama_dir):
+def test_compilation_count_stays_flat_after_warmup(tiny_llama_dir, backend_compiles):
     engine = make_engine(tiny_llama_dir, num_pages=64, max_num_seqs=6)
 
     def workload(seed, tag):
@@ -68,18 +68,27 @@ def test_compilation_count_stays_flat_after_warmup(tiny_llama_dir):
         arrivals = {}
         for i, prompt in enumerate(random_prompts(24, seed=seed, high=40)):
             params = SamplingParams(temperature=float(rng.choice([0.0, 0.7])), top_p=0.9, seed=i,
-                                    max_tokens=int(rng.integers(4, 30)), ignore_eos=True)
+                                    max_tokens=int(rng.integers(4, 30)), ignore_eos=True,
+                                    repetition_penalty=float(rng.choice([1.0, 1.2])),
+                                    min_tokens=int(rng.choice([0, 3])))
             arrivals.setdefault(int(rng.integers(0, 60)), []).append((f"{tag}-{i}", {
                 "prompt_token_ids": prompt}, params))
         return arrivals
 
     run_to_completion(engine, workload(seed=5, tag="warm"))
-    warm = engine.num_compilations
-    assert warm == len(engine.runner._steps) + engine.runner.num_sampler_compilations
+    warm, warm_xla = engine.num_compilations, backend_compiles.count
+    assert warm > 0 and warm_xla >= warm
     steps_before = engine.num_steps
     run_to_completion(engine, workload(seed=5, tag="again"))   # same shapes, new requests
     assert engine.num_steps - steps_before > 60
+    assert backend_compiles.count == warm_xla                # JAX compiled nothing at all
     assert engine.num_compilations == warm
+    # A block table wider than any so far lands in a new page bucket: both counts see it.
+    widest = max(key.num_pages for key in engine.runner._steps)
+    long_prompt = {"prompt_token_ids": random_prompts(1, seed=6, low=110, high=111)[0]}
+    run_to_completion(engine, {0: [("long", long_prompt, SamplingParams(max_tokens=2))]})
+    assert max(key.num_pages for key in engine.runner._steps) > widest
+    assert engine.num_compilations > warm and backend_compiles.count > warm_xla
     assert_all_pages_free(engine)
 
 

@@ -6,24 +6,28 @@ import jax
 import numpy as np
 import pytest
 
-from jpaged.engine.sampler import SamplingTensors, build_sampling_tensors, sample
+from jpaged.core.scheduler import ScheduledSeq
+from jpaged.engine.sampler import build_sampling_tensors, sample
 from jpaged.sampling_params import SamplingParams
-from jpaged.core.sequence import Sequence
 
 V = 32
 sample_jit = jax.jit(sample, static_argnames=("flags",))
 
 
+M = 16    # max_model_len: the fixed width of the penalty ids
+
+
 def make_seq(params, seed=0, prompt=(1, 2, 3), output=()):
-    s = Sequence("r", 0, list(prompt), params, seed=seed, max_tokens=64)
-    s.token_ids += list(output)
-    return s
+    """The row the scheduler hands over for a sequence about to sample its next token."""
+    token_ids = list(prompt) + list(output)
+    return ScheduledSeq(seq_id=0, request_id="r", num_computed_tokens=len(token_ids) - 1,
+                        num_new_tokens=1, token_ids=token_ids, num_prompt_tokens=len(prompt),
+                        block_table=(1,), params=params, seed=seed)
 
 
 def run(logits, seqs, eos=(0,)):
-    tensors, flags = build_sampling_tensors(seqs, len(logits), V, eos)
-    tokens, lp, top_ids, top_lp = sample_jit(np.asarray(logits, np.float32),
-                                              SamplingTensors(**tensors), flags=flags)
+    tensors, flags = build_sampling_tensors(seqs, len(logits), V, M, eos)
+    tokens, lp, top_ids, top_lp = sample_jit(np.asarray(logits, np.float32), tensors, flags=flags)
     return np.asarray(tokens), np.asarray(lp), top_ids, top_lp
 
 
@@ -109,6 +113,32 @@ def test_min_tokens_bans_eos_and_stop_ids():
     assert run(row, [make_seq(p, output=(7, 7))])[0][0] == 0
 
 
+def test_min_tokens_bans_eos_even_with_ignore_eos():
+    """vLLM always adds the model's EOS to the ids banned under min_tokens."""
+    row = np.zeros((2, V), np.float32)
+    row[:, 0], row[:, 5] = 9.0, 1.0                     # 0 is EOS
+    p = SamplingParams(temperature=0, min_tokens=2, ignore_eos=True)
+    tokens = run(row, [make_seq(p, output=(7,)), make_seq(p, output=(7, 7))])[0]
+    assert tokens.tolist() == [5, 0]                    # banned under min_tokens, free after
+
+
+def test_penalty_and_ban_shapes_do_not_grow_with_the_output():
+    """Fixed shapes: the same compiled sampler serves every output length."""
+    traces = []
+
+    @jax.jit
+    def traced(logits, tensors):
+        traces.append(1)
+        return sample(logits, tensors, flags=flags)
+
+    p = SamplingParams(temperature=0, repetition_penalty=1.3, min_tokens=12)
+    for length in (1, 2, 5, 9):
+        tensors, flags = build_sampling_tensors([make_seq(p, output=(4,) * length)], 2, V, M, (0,))
+        assert tensors.token_ids.shape == (2, M) and tensors.banned.shape == (2, V)
+        traced(np.zeros((2, V), np.float32), tensors)
+    assert len(traces) == 1
+
+
 def test_logprobs_top_k(logits):
     seqs = [make_seq(SamplingParams(temperature=0, logprobs=3)) for _ in range(4)]
     tokens, lp, top_ids, top_lp = run(logits, seqs)
@@ -127,6 +157,16 @@ def test_logprobs_top_k(logits):
     (dict(logprobs=50), "logprobs must be"),
     (dict(stop=[""]), "stop must be"),
     (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(max_tokens="5"), r"max_tokens must be an int or None, got '5' \(str\)"),
+    (dict(stop=5), r"stop must be a string, a list of strings or None, got 5 \(int\)"),
+    (dict(stop=["a", 3]), r"stop must be a string, a list of strings or None, got \['a', 3\]"),
+    (dict(temperature="hot"), r"temperature must be a number, got 'hot' \(str\)"),
+    (dict(n=2.0), r"n must be an int, got 2.0 \(float\)"),
+    (dict(seed="1"), r"seed must be an int or None, got '1' \(str\)"),
+    (dict(ignore_eos="yes"), r"ignore_eos must be a bool, got 'yes' \(str\)"),
+    (dict(stop_token_ids=[1, "2"]), r"stop_token_ids must be a list of ints or None"),
+    (dict(logprobs=1.5), r"logprobs must be an int or None, got 1.5 \(float\)"),
+    (dict(top_k=None), r"top_k must be an int, got None \(NoneType\)"),
 ])
 def test_bad_sampling_params_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -108,3 +108,48 @@ def test_seeded_sampling_is_reproducible(llm):
                      use_tqdm=False)[3].outputs[0]
     assert again.token_ids == first.token_ids and again.text == first.text
     assert_all_pages_free(llm)
+
+
+SHORT_ANSWERS = ["Say only the word yes.", "What is 2 + 2? Answer with just the number.",
+                 "Reply with one word: what color is the sky?"]
+
+
+def test_min_tokens_bans_eos_even_with_ignore_eos_like_hf_min_new_tokens(llm, smollm2_hf):
+    """vLLM semantics: min_tokens bans EOS with ignore_eos=True too; so does HF's min_new_tokens."""
+    import torch
+
+    hf_model, hf_tokenizer = smollm2_hf
+    conversations = [[{"role": "user", "content": q}] for q in SHORT_ANSWERS]
+    free = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
+    assert all(o.outputs[0].finish_reason == "stop" and len(o.outputs[0].token_ids) < 48
+               for o in free)                           # the model wants to stop early
+    forced = llm.chat(conversations, SamplingParams(temperature=0, max_tokens=48, min_tokens=48,
+                                                    ignore_eos=True), use_tqdm=False)
+    for out in forced:
+        ids = torch.tensor([out.prompt_token_ids])
+        with torch.no_grad():
+            hf = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                   min_new_tokens=48, max_new_tokens=48)
+        assert out.outputs[0].token_ids == hf[0, ids.shape[1]:].tolist()
+        assert out.outputs[0].finish_reason == "length"
+    assert_all_pages_free(llm)
+
+
+def test_stop_string_inside_the_min_tokens_window_does_not_end_the_output(llm):
+    """vLLM searches only the text of tokens past min_tokens for stop strings."""
+    tokenizer = llm.get_tokenizer()
+    conversation = [{"role": "user", "content": "Write a haiku about autumn leaves."}]
+    params = dict(temperature=0, max_tokens=24, ignore_eos=True)
+    free = llm.chat(conversation, SamplingParams(**params), use_tqdm=False)[0].outputs[0]
+    ids = free.token_ids
+    early = tokenizer.decode(ids[:4], skip_special_tokens=True)
+    stop = early.strip().split()[0]                     # a word the first 4 tokens produce
+    assert stop in early and free.text.count(stop) == 1  # and never again
+    stopped = llm.chat(conversation, SamplingParams(**params, stop=[stop]),
+                       use_tqdm=False)[0].outputs[0]
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[:free.text.index(stop)]
+    windowed = llm.chat(conversation, SamplingParams(**params, stop=[stop], min_tokens=6),
+                        use_tqdm=False)[0].outputs[0]
+    assert (windowed.finish_reason, windowed.stop_reason) == ("length", None)
+    assert windowed.token_ids == ids and windowed.text == free.text
+    assert_all_pages_free(llm)
