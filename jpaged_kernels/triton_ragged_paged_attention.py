@@ -27,6 +27,9 @@ from jax.experimental import pallas as pl
 
 from jpaged_kernels import triton_common as tc
 
+# Rows of the [3, W] work-item table.
+WORK_SEQ, WORK_FIRST, WORK_END = range(3)
+
 
 def ragged_paged_attention_kernel(
     layer_ref,    # [1] int32
@@ -46,7 +49,8 @@ def ragged_paged_attention_kernel(
     group_rows = rows_per_token(group, block_q)
     padded_dim = tc.padded_head_dim(head_dim)
     block_tokens = pages_per_block * k_ref.shape[3]
-    seq, first, end = work_ref[0, item], work_ref[1, item], work_ref[2, item]
+    seq, first, end = (work_ref[WORK_SEQ, item], work_ref[WORK_FIRST, item],
+                       work_ref[WORK_END, item])
     q_len = qsl_ref[seq + 1] - qsl_ref[seq]
     first_pos = lens_ref[seq] - q_len + first - qsl_ref[seq]      # position of token `first`
 
@@ -103,18 +107,20 @@ def _launch(q, k_pages, v_pages, layer, block_tables, context_lens, query_start_
         block_q=block_q, pages_per_block=pages_per_block, scale=scale, soft_cap=soft_cap,
         sliding_window=sliding_window)
     whole = pl.BlockSpec()
+    inputs = dict(layer=layer, work=work, q=q, k_pages=k_pages, v_pages=v_pages,
+                  block_tables=block_tables, context_lens=context_lens,
+                  query_start_loc=query_start_loc, out_init=jnp.zeros_like(q))
     return pl.pallas_call(
         kernel,
         grid=(work.shape[1], num_kv_heads),
-        in_specs=[whole] * 9,
+        in_specs=[whole] * len(inputs),
         out_specs=whole,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        input_output_aliases={8: 0},
+        input_output_aliases={list(inputs).index("out_init"): 0},   # padding tokens stay 0
         compiler_params=tc.compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"jpaged_ragged_paged_attention_BQ{block_q}_ppb{pages_per_block}",
-    )(layer, work, q, k_pages, v_pages, block_tables, context_lens, query_start_loc,
-      jnp.zeros_like(q))
+    )(*inputs.values())
 
 
 def default_block_q(group):

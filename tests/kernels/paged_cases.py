@@ -63,3 +63,49 @@ def assert_close(out, ref, dtype):
     tol = TOLERANCE[dtype]
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                atol=tol, rtol=tol)
+
+
+def triton_kernel_ir(lowered) -> tuple[tuple[int, int, int], str]:
+    """The grid and the Triton IR (TTIR, as text) of the one Pallas Triton call in a lowered jit.
+
+    The lowering embeds the kernel's TTIR as MLIR bytecode in the custom call's backend config;
+    parsing it back (with JAX's own Triton dialect) lets a test on CPU check what the GPU would
+    compile: tile shapes of the dots, masked loads, the grid.
+    """
+    from jax._src.lib.mlir import ir
+    from jaxlib.triton import dialect
+
+    calls = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == "stablehlo.custom_call":
+                        calls.append(child.operation)
+                    walk(child.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    configs = [c.attributes["mhlo.backend_config"] for c in calls
+               if ir.StringAttr(c.attributes["call_target_name"]).value == "__gpu$xla.gpu.triton"]
+    assert len(configs) == 1, f"expected one Triton call, found {len(configs)}"
+    config = configs[0]
+    grid = tuple(ir.IntegerAttr(config[f"grid_{axis}"]).value for axis in "xyz")
+    context = ir.Context()
+    dialect.register_dialect(context)
+    with context:
+        module = ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes)
+        return grid, module.operation.get_asm(enable_debug_info=False)
+
+
+def tt_dots(ttir: str) -> list[str]:
+    """'AxB * BxC -> AxC' (element type dropped) for every tt.dot, in program order."""
+    import re
+    pattern = r"tt\.dot .*: tensor<(\d+x\d+)x\w+> \* tensor<(\d+x\d+)x\w+> -> tensor<(\d+x\d+)x\w+>"
+    return [f"{a} * {b} -> {c}" for a, b, c in re.findall(pattern, ttir)]
+
+
+def masked_loads(ttir: str, shape: str) -> int:
+    """How many tt.load ops of a pointer tensor of `shape` (e.g. '16x8x64') carry a mask."""
+    import re
+    return len(re.findall(rf"tt\.load %\w+, %\w+(?:, %\w+)? : tensor<{shape}x!tt\.ptr", ttir))

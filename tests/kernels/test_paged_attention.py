@@ -7,7 +7,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jpaged_kernels import paged_attention, reference
-from paged_cases import (MODES, assert_close, random_cache, random_q, random_tables)
+from jpaged_kernels.triton_common import default_pages_per_block
+from paged_cases import (MODES, assert_close, masked_loads, random_cache, random_q, random_tables,
+                         triton_kernel_ir, tt_dots)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
@@ -135,13 +137,23 @@ def test_rejects_bad_shapes():
 @pytest.mark.parametrize("head_dim,page_size,dtype", [
     (64, 8, jnp.float32), (80, 16, jnp.bfloat16), (96, 32, jnp.float16),
     (128, 16, jnp.bfloat16), (256, 128, jnp.bfloat16)])
-def test_lowers_to_triton(head_dim, page_size, dtype):
-    """The Triton lowering (block shapes powers of two, dot dims >= 16) runs on CPU too: lower
-    for CUDA without compiling, so a lowering regression is caught without a GPU."""
+def test_triton_ir_has_the_designed_tiles(head_dim, page_size, dtype):
+    """Lower for CUDA on CPU (no GPU needed) and read the kernel's Triton IR back: the grid is
+    (B, K, splits); the inner loop makes exactly two dots, QK^T [R, Hp] x [Hp, BK] and PV
+    [R, BK] x [BK, Hp] with R = 16 rows (G = 4 padded) and Hp = H padded to a power of two;
+    the K and V page tiles [ppb, S, Hp] are loaded under a mask."""
     sds = jax.ShapeDtypeStruct
-    q, k = sds((3, 32, head_dim), dtype), sds((2, 8, 40, page_size, head_dim), dtype)
-    tables, lens = sds((3, 7), jnp.int32), sds((3,), jnp.int32)
+    batch, kv_heads, pages_per_seq = 3, 8, 37
+    q, k = sds((batch, 32, head_dim), dtype), sds((2, kv_heads, 40, page_size, head_dim), dtype)
+    tables, lens = sds((batch, pages_per_seq), jnp.int32), sds((batch,), jnp.int32)
     lowered = paged_attention.trace(q, k, k, tables, lens, layer=sds((), jnp.int32),
-                                    soft_cap=30.0, sliding_window=64).lower(
+                                    soft_cap=30.0, sliding_window=64, num_splits=2).lower(
         lowering_platforms=("cuda",))
-    assert "triton" in lowered.as_text()
+    grid, ttir = triton_kernel_ir(lowered)
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    ppb = default_pages_per_block(page_size, head_dim)
+    block = ppb * page_size
+    assert grid == (batch, kv_heads, min(2, -(-pages_per_seq // ppb)))  # splits <= blocks
+    assert tt_dots(ttir) == [f"16x{padded} * {padded}x{block} -> 16x{block}",
+                             f"16x{block} * {block}x{padded} -> 16x{padded}"]
+    assert masked_loads(ttir, f"{ppb}x{page_size}x{padded}") == 2        # K and V tiles

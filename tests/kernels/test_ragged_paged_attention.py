@@ -1,6 +1,8 @@
 """Triton ragged (prefill + decode) kernel vs the pure-jnp reference: interpret mode on CPU,
 compiled on a GPU."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,9 @@ from hypothesis import given, settings, strategies as st
 
 from jpaged_kernels import paged_attention, ragged_paged_attention, reference
 from jpaged_kernels.triton_ragged_paged_attention import work_items
-from paged_cases import MODES, assert_close, random_cache, random_q, random_tables
+from jpaged_kernels.triton_common import default_pages_per_block
+from paged_cases import (MODES, assert_close, masked_loads, random_cache, random_q, random_tables,
+                         triton_kernel_ir, tt_dots)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
@@ -136,12 +140,24 @@ def test_rejects_bad_shapes():
 @pytest.mark.parametrize("head_dim,page_size,dtype", [
     (64, 8, jnp.float32), (80, 16, jnp.bfloat16), (128, 32, jnp.float16),
     (256, 128, jnp.bfloat16)])
-def test_lowers_to_triton(head_dim, page_size, dtype):
-    """Lower for CUDA on CPU: catches Triton lowering regressions without a GPU."""
+def test_triton_ir_has_the_designed_tiles(head_dim, page_size, dtype):
+    """Lower for CUDA on CPU and read the Triton IR back: grid (cdiv(T, BQ) + B, K); R = BQ x Gp
+    = 16 x 4 query rows (G = 3 padded to 4); two dots per KV block, QK^T and PV; masked K/V tile
+    loads; the output stored under a mask (padding rows and lanes untouched)."""
     sds = jax.ShapeDtypeStruct
-    q, k = sds((37, 12, head_dim), dtype), sds((2, 4, 40, page_size, head_dim), dtype)
-    tables, lens, qsl = sds((3, 7), jnp.int32), sds((3,), jnp.int32), sds((4,), jnp.int32)
+    num_tokens, kv_heads, num_seqs = 37, 4, 3
+    q, k = sds((num_tokens, 12, head_dim), dtype), sds((2, kv_heads, 40, page_size, head_dim), dtype)
+    tables, lens = sds((num_seqs, 7), jnp.int32), sds((num_seqs,), jnp.int32)
+    qsl = sds((num_seqs + 1,), jnp.int32)
     lowered = ragged_paged_attention.trace(q, k, k, tables, lens, qsl, layer=sds((), jnp.int32),
                                            soft_cap=30.0, sliding_window=64).lower(
         lowering_platforms=("cuda",))
-    assert "triton" in lowered.as_text()
+    grid, ttir = triton_kernel_ir(lowered)
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    ppb = default_pages_per_block(page_size, head_dim)
+    block, rows = ppb * page_size, 16 * 4
+    assert grid == (-(-num_tokens // 16) + num_seqs, kv_heads, 1)
+    assert tt_dots(ttir) == [f"{rows}x{padded} * {padded}x{block} -> {rows}x{block}",
+                             f"{rows}x{block} * {block}x{padded} -> {rows}x{padded}"]
+    assert masked_loads(ttir, f"{ppb}x{page_size}x{padded}") == 2
+    assert re.search(rf"tt\.store %\w+, %\w+, %\w+ : tensor<{rows}x{padded}x!tt\.ptr", ttir)
