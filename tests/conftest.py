@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# NOTE: jpaged's persistent caches are off for the whole suite (and the subprocesses it starts): a
+# compilation-cache hit would hide a compilation from `backend_compiles`, and a test run must not
+# write to ~/.cache. The tests of the caches themselves pass temporary directories.
+os.environ["JPAGED_COMPILATION_CACHE_DIR"] = "off"
+os.environ["JPAGED_MODEL_CACHE_DIR"] = "off"
 
 from jpaged.checkpoint.loader import default_model_path
 

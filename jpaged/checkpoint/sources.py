@@ -38,6 +38,14 @@ def load_tokenizer(directory: Path):
     """The directory's tokenizer (a transformers fast tokenizer), or None when it has none."""
     if not has_tokenizer(directory):
         return None
+    # NOTE: when tokenizer_config.json names the generic fast class (as the tokenizers jpaged saves
+    # do), load that class directly: AutoTokenizer would pick the same class but first reads the
+    # model config, which imports torch (~4 s of a warm start).
+    declared = (read_json(directory / "tokenizer_config.json") or {}).get("tokenizer_class")
+    if declared in ("TokenizersBackend", "PreTrainedTokenizerFast") and \
+            (directory / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast.from_pretrained(str(directory))
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(directory))
 

@@ -19,6 +19,7 @@ from jpaged.core.block_manager import BlockManager
 from jpaged.core.scheduler import ScheduledSeq, Scheduler
 from jpaged.core.sequence import Sequence
 from jpaged.engine.attention import ProbeShape, select_attention
+from jpaged.engine.compilation_cache import enable_compilation_cache
 from jpaged.engine.detokenizer import IncrementalDetokenizer
 from jpaged.engine.runner import ModelRunner
 from jpaged.engine.sampler import SamplerOutput
@@ -42,6 +43,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     cpu_kv_cache_space_gib: float = 4.0        # KV pool on CPU (vLLM's VLLM_CPU_KVCACHE_SPACE)
     attention_backend: str | None = None
+    # JAX's persistent compilation cache: None = $JPAGED_COMPILATION_CACHE_DIR or
+    # ~/.cache/jpaged/xla; "off" disables (jpaged/engine/compilation_cache.py)
+    compilation_cache_dir: str | None = None
     enable_prefix_caching: bool = True         # share the pages of equal prompt prefixes
     seed: int = 0
 
@@ -79,6 +83,7 @@ class LLMEngine:
         if config.max_num_batched_tokens < config.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
                              f"max_num_seqs ({config.max_num_seqs})")
+        self.compilation_cache_dir = enable_compilation_cache(config.compilation_cache_dir)
         self.attention = select_attention(config.attention_backend, ProbeShape(
             mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype.name, config.page_size,
             mc.sliding_window))

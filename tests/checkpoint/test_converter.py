@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ gguf = pytest.importorskip("gguf")
 from jpaged.checkpoint.convert import convert, main  # noqa: E402
 from jpaged.checkpoint.params import flatten  # noqa: E402
 from jpaged.checkpoint.loader import load_checkpoint  # noqa: E402
+from jpaged.checkpoint.model_cache import file_sha256  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -230,8 +233,11 @@ class NoTorch(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoTorch())
 from jpaged.checkpoint.loader import load_checkpoint
-checkpoint = load_checkpoint(sys.argv[1], progress=False)
+fresh = load_checkpoint(sys.argv[1], progress=False)        # dequantized, then stored in the cache
+checkpoint = load_checkpoint(sys.argv[1], progress=False)   # from the model cache
 texts = json.loads(sys.argv[2])
+assert [fresh.tokenizer(t)["input_ids"] for t in texts] == [checkpoint.tokenizer(t)["input_ids"]
+                                                            for t in texts]
 print(json.dumps({"ids": [checkpoint.tokenizer(t)["input_ids"] for t in texts],
                   "chat_template": checkpoint.tokenizer.chat_template,
                   "eos_token_ids": checkpoint.eos_token_ids, "torch": "torch" in sys.modules,
@@ -239,14 +245,18 @@ print(json.dumps({"ids": [checkpoint.tokenizer(t)["input_ids"] for t in texts],
 """
 
 
-def test_smollm2_gguf_loads_without_torch(smollm2_path, smollm2_hf):
+def test_smollm2_gguf_loads_without_torch(smollm2_path, smollm2_hf, tmp_path):
     """torch is a test-only dependency: the GGUF path, tokenizer included, must not need it
-    (transformers' own GGUF metadata reader imports torch, so the loader falls back to gguf-py)."""
+    (transformers' own GGUF metadata reader imports torch, so the loader falls back to gguf-py),
+    and neither must the model cache's copy of it (stored by the first load, read by the second)."""
     _, hf_tokenizer = smollm2_hf
     texts = ["Hello, world!", "  The capital\n of <|im_start|>x", "héllo 123456"]
+    env = dict(os.environ, JPAGED_MODEL_CACHE_DIR=str(tmp_path))
     result = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(smollm2_path), json.dumps(texts)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert [p.name for p in tmp_path.iterdir()] == [
+        f"{smollm2_path.stem}-{file_sha256(smollm2_path)[:16]}-float32"]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["torch"] is False
     assert got["converters"] is False               # loading never goes through the converter CLI
@@ -315,6 +325,35 @@ def test_tiny_gguf_without_tokenizer(llama, tmp_path):
     out = convert(path, tmp_path / "out", progress=False)
     assert not (out / "tokenizer.json").exists()
     assert load_checkpoint(out).tokenizer is None
+
+
+def test_gguf_model_cache(llama, tmp_path, monkeypatch, caplog):
+    """A GGUF's conversion is stored once per (file content, dtype) and then loaded from there."""
+    path = write_tiny_gguf(llama, tmp_path / "tiny.gguf")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("JPAGED_MODEL_CACHE_DIR", str(cache))
+    fresh = load_checkpoint(path, progress=False)
+    entry = cache / f"tiny-{file_sha256(path)[:16]}-float32"
+    assert [p.name for p in cache.iterdir()] == [entry.name]        # no partial directory left
+    with caplog.at_level(logging.INFO, logger="jpaged"):
+        cached = load_checkpoint(path, progress=False)
+    assert f"model cache: loading the converted copy of tiny.gguf from {entry}" in caplog.text
+    assert (cached.source, cached.path, cached.config) == ("gguf", path, fresh.config)
+    assert cached.eos_token_ids == fresh.eos_token_ids and cached.tokenizer is None
+    assert_params_equal(cached.params, {k: np.asarray(v) for k, v in flatten(fresh.params).items()})
+    assert load_checkpoint(path, dtype="bfloat16", progress=False).dtype == "bfloat16"
+    assert (cache / f"tiny-{file_sha256(path)[:16]}-bfloat16").is_dir()    # keyed by dtype too
+
+    llama_changed = tiny_model(seed=1)                  # same name, other content: a new entry
+    write_tiny_gguf(llama_changed, path)
+    assert len(list(cache.iterdir())) == 2
+    load_checkpoint(path, progress=False)
+    assert len(list(cache.iterdir())) == 3
+    monkeypatch.setenv("JPAGED_MODEL_CACHE_DIR", "off")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jpaged"):
+        load_checkpoint(path, progress=False)
+    assert "model cache" not in caplog.text and len(list(cache.iterdir())) == 3
 
 
 def test_gguf_llama3_rope_freqs(llama, tmp_path):
