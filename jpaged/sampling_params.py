@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import numbers
+
+class RequestOutputKind(enum.Enum):
+    """vLLM's names: what `LLMEngine.step` returns for a request (see engine/output_processor.py)."""
+    CUMULATIVE = 0     # every step: everything so far
+    DELTA = 1          # every step: only what is new
+    FINAL_ONLY = 2     # once, at the end
+
 
 # Temperatures below this are greedy (vLLM's _SAMPLING_EPS).
 SAMPLING_EPS = 1e-5
@@ -38,6 +46,7 @@ _TYPES = {
     "logprobs": (lambda x: x is None or _is_int(x), "an int or None"),
     "include_stop_str_in_output": (lambda x: isinstance(x, bool), "a bool"),
     "skip_special_tokens": (lambda x: isinstance(x, bool), "a bool"),
+    "output_kind": (lambda x: isinstance(x, RequestOutputKind), "a RequestOutputKind"),
 }
 
 
@@ -60,6 +69,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
         self._check_types()

@@ -11,13 +11,17 @@ its real left context (" Paris" after "is", not "Paris").
 
 from __future__ import annotations
 
+import contextlib
+
 _CONTEXT = 5          # prompt tokens of left context (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET)
 _REPLACEMENT = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
+                 lock=None):
         self.tokenizer = tokenizer
+        self.lock = lock or contextlib.nullcontext()   # serialises use of a shared tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids = list(prompt_token_ids[-_CONTEXT:])
         self.prefix = 0                 # window start
@@ -46,4 +50,5 @@ class IncrementalDetokenizer:
         return rest
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        with self.lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)

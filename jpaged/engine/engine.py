@@ -6,9 +6,11 @@ block manager; the device side is one jitted step per shape bucket plus a jitted
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
+import threading
 import time
 
 import jax
@@ -20,11 +22,11 @@ from jpaged.core.scheduler import ScheduledSeq, Scheduler
 from jpaged.core.sequence import Sequence
 from jpaged.engine.attention import ProbeShape, select_attention
 from jpaged.engine.compilation_cache import enable_compilation_cache
-from jpaged.engine.detokenizer import IncrementalDetokenizer
+from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.engine.runner import ModelRunner
 from jpaged.engine.sampler import SamplerOutput
 from jpaged.models.llama import CausalLM, KVCache
-from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 
 logger = logging.getLogger("jpaged")
@@ -60,23 +62,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
-@dataclasses.dataclass
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    detokenizers: list[IncrementalDetokenizer | None]   # per sample; None: decode once at the end
-
-
 class LLMEngine:
     def __init__(self, checkpoint, config: EngineConfig | None = None):
         config = config or EngineConfig()
         self.config = config
         self.model_config = mc = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
-        self.eos_token_ids = tuple(checkpoint.eos_token_ids)
         self.dtype = jnp.dtype(checkpoint.dtype)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
@@ -102,8 +93,15 @@ class LLMEngine:
         self.runner = ModelRunner(model, checkpoint.params, kv_cache, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
                                   max_model_len=self.max_model_len)
-        self.requests: dict[str, Request] = {}
-        self._seqs: dict[int, Sequence] = {}       # seq id -> live sequence
+        self.output_processor = OutputProcessor(self.tokenizer, tuple(checkpoint.eos_token_ids),
+                                                self.max_model_len)
+        # NOTE: threads. add_request and abort_request may be called from any thread (a server's
+        # event loop) while another runs step(): they validate and register under a small lock
+        # and leave the scheduler's queues to step(), which drains the inbox first.
+        self.requests: dict[str, RequestState] = {}
+        self._lock = threading.Lock()
+        self._inbox: collections.deque[tuple[str, RequestState | str]] = collections.deque()
+        self._seqs: dict[int, Sequence] = {}       # seq id -> live sequence (step thread only)
         self._rng = np.random.default_rng(config.seed)
         self.num_steps = 0
         self.step_seconds = 0.0
@@ -121,8 +119,8 @@ class LLMEngine:
         """Validate and queue a request; raises ValueError naming the problem, leaving the engine
         and its other requests untouched."""
         params = params or SamplingParams()
-        if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids)
         vocab = self.model_config.vocab_size
@@ -135,31 +133,46 @@ class LLMEngine:
                          max_tokens) for i in range(params.n)]
         for sibling in seqs[1:]:
             sibling.first_sibling = seqs[0]
-        incremental = self.tokenizer is not None and bool(params.stop)
-        detokenizers = [IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
-                        if incremental else None for _ in seqs]
-        self.requests[request_id] = Request(request_id, text, token_ids, params, seqs, detokenizers)
-        for seq in seqs:
-            self._seqs[seq.seq_id] = seq
-            self.scheduler.add(seq)
+        state = self.output_processor.new_request(request_id, text, token_ids, params, seqs)
+        with self._lock:
+            if request_id in self.requests:
+                raise ValueError(f"request_id {request_id!r} is already in use; give each "
+                                 f"request a unique id")
+            self.requests[request_id] = state
+            self._inbox.append(("add", state))
 
     def abort_request(self, request_id: str) -> None:
-        request = self.requests.pop(request_id, None)
-        for seq in request.seqs if request else []:
-            self._seqs.pop(seq.seq_id, None)
-            if not seq.is_finished:
-                self.scheduler.abort(seq)
+        """Drop a request wherever it is and free its pages (at the start of the next step when
+        called while a step runs). Unknown or finished ids are ignored."""
+        self._inbox.append(("abort", request_id))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._inbox) or self.scheduler.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled batch; return the requests that finished in it."""
+        """Run one scheduled batch; return the outputs of the requests that produced tokens in
+        it, as each request's output_kind asks (FINAL_ONLY: only the finished ones)."""
         start = time.perf_counter()
         try:
+            self._drain_inbox()
             return self._step()
         finally:
             self.step_seconds += time.perf_counter() - start
+
+    def _drain_inbox(self) -> None:
+        while self._inbox:
+            action, item = self._inbox.popleft()
+            if action == "add":
+                for seq in item.seqs:
+                    self._seqs[seq.seq_id] = seq
+                    self.scheduler.add(seq)
+                continue
+            with self._lock:
+                state = self.requests.pop(item, None)
+            for seq in state.seqs if state else []:
+                self._seqs.pop(seq.seq_id, None)
+                if not seq.is_finished:
+                    self.scheduler.abort(seq)
 
     def time_breakdown(self) -> dict[str, float]:
         """Seconds spent in steps so far: compiling, waiting on the device (model + sampler), and
@@ -180,6 +193,16 @@ class LLMEngine:
         sampled = self.runner.execute(out, self.eos_token_ids)
         self.num_steps += 1
         return self._process(out.scheduled, sampled)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The model's EOS ids: they stop a sequence (unless ignore_eos) and are banned under
+        min_tokens. One copy, in the output processor; the sampler gets it each step."""
+        return self.output_processor.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        self.output_processor.eos_token_ids = tuple(ids)
 
     @property
     def num_compilations(self) -> int:
@@ -212,7 +235,8 @@ class LLMEngine:
         if self.tokenizer is None:
             raise ValueError("this checkpoint has no tokenizer, so text prompts cannot be encoded; "
                              "pass {'prompt_token_ids': [...]} instead")
-        return prompt, list(self.tokenizer(prompt).input_ids)
+        with self.output_processor.tokenizer_lock:
+            return prompt, list(self.tokenizer(prompt).input_ids)
 
     def _validate_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -245,7 +269,7 @@ class LLMEngine:
         return num_pages
 
     def _process(self, scheduled: list[ScheduledSeq], sampled: SamplerOutput) -> list[RequestOutput]:
-        finished_requests = []
+        touched: dict[str, RequestState] = {}
         for i, row in enumerate(scheduled):
             seq = self._seqs[row.seq_id]
             seq.num_computed_tokens += row.num_new_tokens
@@ -254,74 +278,21 @@ class LLMEngine:
                 continue
             token = int(sampled.token_ids[i])
             seq.token_ids.append(token)
-            self._record_logprobs(seq, sampled, i, token)
-            request = self.requests[seq.request_id]
-            self._check_stop(seq, token, request.detokenizers[seq.index])
-            if seq.is_finished:
+            if seq.params.logprobs is not None:
+                self.output_processor.record_logprobs(seq, token, float(sampled.logprobs[i]),
+                                                      sampled.top_ids[i], sampled.top_logprobs[i])
+            state = self.requests[seq.request_id]
+            finish = self.output_processor.check_stop(seq, token, state.detokenizers[seq.index])
+            if finish is not None:
+                self.scheduler.finish(seq, *finish)
                 del self._seqs[seq.seq_id]
-                if all(q.is_finished for q in request.seqs):
-                    finished_requests.append(self._request_output(self.requests.pop(seq.request_id)))
-        return finished_requests
-
-    def _record_logprobs(self, seq: Sequence, sampled: SamplerOutput, row: int, token: int) -> None:
-        k = seq.params.logprobs
-        if k is None:
-            return
-        lp = float(sampled.logprobs[row])
-        seq.cumulative_logprob += lp
-        entry = {token: Logprob(lp)}
-        for rank, (tid, tlp) in enumerate(zip(sampled.top_ids[row][:k], sampled.top_logprobs[row][:k])):
-            entry.setdefault(int(tid), Logprob(float(tlp), rank + 1))
-        seq.logprobs.append(entry)
-
-    def _check_stop(self, seq: Sequence, token: int, detok: IncrementalDetokenizer | None) -> None:
-        """vLLM's order: the length cap, then EOS and stop ids (banned under min_tokens by the
-        sampler), then stop strings, which are searched only in the text of tokens past min_tokens
-        and, when found, override a length finish."""
-        p = seq.params
-        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            self.scheduler.finish(seq, "length")
-        elif not p.ignore_eos and token in self.eos_token_ids:
-            self.scheduler.finish(seq, "stop")
-        elif token in p.stop_token_ids:
-            self.scheduler.finish(seq, "stop", token)
-        if detok is None or seq.finish_reason == "stop":    # a stop token's text is not output
-            return
-        checked = len(detok.text)
-        new_text = detok.add(token)
-        if not new_text or seq.num_output_tokens <= p.min_tokens:
-            return
-        for stop in p.stop:
-            at = detok.text.find(stop, max(0, checked - len(stop) + 1))
-            if at >= 0:
-                detok.text = detok.text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
-                if seq.is_finished:                   # a stop string overrides a length finish
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-                else:
-                    self.scheduler.finish(seq, "stop", stop)
-                return
-
-    def _final_text(self, seq: Sequence, detok: IncrementalDetokenizer | None) -> str:
-        """The output text. A stop token's own text is left out (vLLM), unless
-        include_stop_str_in_output; so is a special token's with skip_special_tokens."""
-        if self.tokenizer is None:
-            return ""
-        if detok is not None and isinstance(seq.stop_reason, str):
-            return detok.text
-        ids = seq.output_token_ids
-        stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
-        if stopped_by_token and not seq.params.include_stop_str_in_output:
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=seq.params.skip_special_tokens)
-
-    def _request_output(self, request: Request) -> RequestOutput:
+            touched[state.request_id] = state
         outputs = []
-        for seq, detok in zip(request.seqs, request.detokenizers):
-            text = self._final_text(seq, detok)
-            outputs.append(CompletionOutput(
-                index=seq.index, text=text, token_ids=seq.output_token_ids,
-                cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
-                logprobs=seq.logprobs if seq.params.logprobs is not None else None,
-                finish_reason=seq.finish_reason, stop_reason=seq.stop_reason))
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outputs,
-                             finished=True)
+        for state in touched.values():
+            output = self.output_processor.make_output(state)
+            if output is not None:
+                outputs.append(output)
+            if state.finished:
+                with self._lock:
+                    self.requests.pop(state.request_id, None)
+        return outputs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Sequence as Seq
 
@@ -10,7 +11,7 @@ from tqdm.auto import tqdm
 
 from jpaged.engine.engine import EngineConfig, LLMEngine
 from jpaged.outputs import RequestOutput
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import RequestOutputKind, SamplingParams
 
 PromptType = str | dict
 
@@ -61,6 +62,9 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling_params")
+        # Offline generation returns each request once, finished (vLLM's LLM does the same).
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+                  if isinstance(p, SamplingParams) else p for p in params]
         engine = self.llm_engine
         request_ids = []
         try:

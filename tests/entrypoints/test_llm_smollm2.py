@@ -153,3 +153,43 @@ def test_stop_string_inside_the_min_tokens_window_does_not_end_the_output(llm):
     assert (windowed.finish_reason, windowed.stop_reason) == ("length", None)
     assert windowed.token_ids == ids and windowed.text == free.text
     assert_all_pages_free(llm)
+
+
+def stream(engine, request_id, prompt, params):
+    """Every output the engine returns for one request, step by step."""
+    engine.add_request(request_id, prompt, params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += [o for o in engine.step() if o.request_id == request_id]
+    return outputs
+
+
+def test_delta_and_cumulative_outputs_assemble_to_the_final_text(llm):
+    """Streaming through step(): DELTA pieces concatenate to the offline text and token ids;
+    CUMULATIVE outputs grow by prefixes; text that may become a stop string is held back."""
+    from jpaged.sampling_params import RequestOutputKind
+
+    engine = llm.llm_engine
+    conversation = [{"role": "user", "content": "Write a haiku about autumn leaves."}]
+    prompt = llm.chat(conversation, SamplingParams(max_tokens=1), use_tqdm=False)[0].prompt
+    base = dict(temperature=0, max_tokens=40, ignore_eos=True)
+    final = llm.generate(prompt, SamplingParams(**base), use_tqdm=False)[0].outputs[0]
+    stop = final.text[len(final.text) // 2:][:6]            # cuts the text in its second half
+    stopped = llm.generate(prompt, SamplingParams(**base, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert stopped.text == final.text[:final.text.index(stop)]
+
+    deltas = stream(engine, "delta", prompt, SamplingParams(
+        **base, stop=[stop], output_kind=RequestOutputKind.DELTA))
+    assert "".join(o.outputs[0].text for o in deltas) == stopped.text
+    assert sum((o.outputs[0].token_ids for o in deltas), []) == stopped.token_ids
+    assert [o.finished for o in deltas] == [False] * (len(deltas) - 1) + [True]
+    assert deltas[-1].outputs[0].finish_reason == "stop" and len(deltas) > 5
+    # Deltas cannot be taken back: had the start of the stop string been streamed before the
+    # token that completes it, the pieces would not add up to the cut text above.
+
+    cumulative = stream(engine, "cumulative", prompt, SamplingParams(
+        **base, output_kind=RequestOutputKind.CUMULATIVE))
+    texts = [o.outputs[0].text for o in cumulative]
+    assert texts[-1] == final.text and all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+    assert [len(o.outputs[0].token_ids) for o in cumulative] == list(range(1, 41))
+    assert_all_pages_free(llm)
