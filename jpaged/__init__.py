@@ -14,6 +14,9 @@ _PUBLIC = {
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",
     "Logprob": "jpaged.outputs",
+    "load": "jpaged.generation",
+    "generate": "jpaged.generation",
+    "GenerateOutput": "jpaged.generation",
 }
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

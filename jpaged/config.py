@@ -83,6 +83,12 @@ class ModelConfig:
             eos_token_ids=_as_tuple(hf.get("eos_token_id")),
         )
 
+    def __hash__(self) -> int:
+        """Hash with `rope_scaling` as sorted items: the dataclass default fails on the dict, and a
+        model over this config must hash to be a static `jax.jit` argument (`jpaged.generate`)."""
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v
+                          for v in dataclasses.astuple(self)))
+
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
         data = json.loads(Path(path).read_text())

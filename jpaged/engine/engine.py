@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.core.block_manager import BlockManager
-from jpaged.core.scheduler import ScheduledSeq, Scheduler
+from jpaged.core.scheduler import PREEMPTION_MODES, ScheduledSeq, Scheduler
 from jpaged.core.sequence import Sequence
 from jpaged.engine.attention import ProbeShape, select_attention
 from jpaged.engine.compilation_cache import enable_compilation_cache
@@ -49,6 +49,10 @@ class EngineConfig:
     # ~/.cache/jpaged/xla; "off" disables (jpaged/engine/compilation_cache.py)
     compilation_cache_dir: str | None = None
     enable_prefix_caching: bool = True         # share the pages of equal prompt prefixes
+    # vLLM's names: "recompute" frees a preempted sequence's pages; "swap" moves them to a host
+    # pool of swap_space GiB and back (recompute when that pool is full)
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0
     seed: int = 0
 
     def __post_init__(self):
@@ -60,6 +64,11 @@ class EngineConfig:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got "
+                             f"{self.preemption_mode!r}")
+        if self.swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
 
 
 class LLMEngine:
@@ -87,12 +96,16 @@ class LLMEngine:
                 f"num_pages / memory, or lower max_model_len")
         model = CausalLM(mc, self.dtype, self.attention.fns)
         kv_cache = KVCache.zeros(mc, num_pages, config.page_size, self.dtype)
-        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
+        page_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype)
+        num_host_pages = int(config.swap_space * _GIB // page_bytes) \
+            if config.preemption_mode == "swap" else 0
+        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching,
+                                          num_host_pages)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens)
+                                   config.max_num_batched_tokens, config.preemption_mode)
         self.runner = ModelRunner(model, checkpoint.params, kv_cache, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len)
+                                  max_model_len=self.max_model_len, num_host_pages=num_host_pages)
         self.output_processor = OutputProcessor(self.tokenizer, tuple(checkpoint.eos_token_ids),
                                                 self.max_model_len)
         # NOTE: threads. add_request and abort_request may be called from any thread (a server's
@@ -123,6 +136,10 @@ class LLMEngine:
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         text, token_ids = self._tokenize(prompt)
         self._validate_prompt(token_ids)
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"SamplingParams: n={params.n} is more than max_num_seqs="
+                             f"{self.config.max_num_seqs} (all n samples run together); lower n or "
+                             f"raise max_num_seqs")
         vocab = self.model_config.vocab_size
         if any(t >= vocab for t in params.stop_token_ids):
             raise ValueError(f"SamplingParams: stop_token_ids {params.stop_token_ids} has ids outside "
@@ -131,8 +148,7 @@ class LLMEngine:
         base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
         seqs = [Sequence(request_id, i, token_ids, params, (base_seed + i * 0x9E3779B9) % 2**32,
                          max_tokens) for i in range(params.n)]
-        for sibling in seqs[1:]:
-            sibling.first_sibling = seqs[0]
+        seqs[0].pending_forks = seqs[1:]       # forked off sample 0 when its prompt is computed
         state = self.output_processor.new_request(request_id, text, token_ids, params, seqs)
         with self._lock:
             if request_id in self.requests:
@@ -149,6 +165,22 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_unfinished()
 
+    def update_params(self, params) -> None:
+        """Swap the model weights in place, without a restart (RL / fine-tuning loops).
+
+        `params` must match the current tree leaf for leaf in shape, dtype and sharding, so no
+        step compiles again; ValueError names the first mismatched leaf otherwise. Call it between
+        steps, from the thread that runs step().
+        NOTE: KV computed under the old weights is stale. Every running sequence is preempted by
+        recompute (it resumes, prompt and output so far, under the new weights; tokens already
+        generated are kept) and the prefix cache is reset.
+        """
+        self.runner.swap_params(params)
+        preempted = self.scheduler.preempt_all_running()
+        self.block_manager.reset_prefix_cache()
+        logger.info("params updated; %d running sequences preempted for recompute, prefix cache "
+                    "reset", len(preempted))
+
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of the requests that produced tokens in
         it, as each request's output_kind asks (FINAL_ONLY: only the finished ones)."""
@@ -163,9 +195,8 @@ class LLMEngine:
         while self._inbox:
             action, item = self._inbox.popleft()
             if action == "add":
-                for seq in item.seqs:
-                    self._seqs[seq.seq_id] = seq
-                    self.scheduler.add(seq)
+                self._seqs.update((seq.seq_id, seq) for seq in item.seqs)
+                self.scheduler.add(item.seqs[0])
                 continue
             with self._lock:
                 state = self.requests.pop(item, None)

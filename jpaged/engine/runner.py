@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from jpaged.core.scheduler import ScheduledSeq, SchedulerOutput
+from jpaged.engine.page_mover import PageMover
 from jpaged.engine.sampler import (SamplerFlags, SamplerOutput, SamplingTensors,
                                    build_sampling_tensors, sample)
 from jpaged.models.llama import AttentionMetadata, CausalLM, KVCache
@@ -65,7 +66,7 @@ def _pick(buckets: list[int], n: int) -> int:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, params, kv_cache: KVCache, *, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int):
+                 max_num_batched_tokens: int, max_model_len: int, num_host_pages: int = 0):
         self.model = model
         self.params = params
         self.kv_cache = kv_cache
@@ -79,10 +80,9 @@ class ModelRunner:
         # page of the block table, so tokens and pages get finer buckets than sequences (whose
         # padding only costs LM-head rows).
         self.page_buckets = geometric_buckets(1, max_pages, per_octave=4)
-        self.copy_buckets = geometric_buckets(1, max(1, max_num_seqs))
         self._steps: dict[StepKey, jax.stages.Compiled] = {}
         self._jit_step = jax.jit(functools.partial(step, model), donate_argnames=("kv_cache",))
-        self._jit_copy = jax.jit(copy_pages, donate_argnames=("kv_cache",))
+        self.pages = PageMover(kv_cache, num_host_pages)
         self._jit_sample = jax.jit(self._sample_traced, static_argnames=("flags",))
         self.num_step_compilations = 0
         self.num_sampler_compilations = 0
@@ -94,10 +94,9 @@ class ModelRunner:
         return self.num_step_compilations + self.num_sampler_compilations
 
     def execute(self, out: SchedulerOutput, eos_token_ids: tuple[int, ...]) -> SamplerOutput:
-        """Apply the step's page copies, run the step, and sample; `eos_token_ids` are banned for
-        sequences under min_tokens."""
-        if out.pages_to_copy:
-            self.kv_cache = self._jit_copy(self.kv_cache, *self._copy_indices(out.pages_to_copy))
+        """Apply the step's page moves (swaps, copy-on-write), run the step, and sample;
+        `eos_token_ids` are banned for sequences under min_tokens."""
+        self.kv_cache = self.pages.apply(out, self.kv_cache)
         inputs, key = self.prepare_inputs(out.scheduled)
         fn = self._steps.get(key) or self._compile(key, inputs)
         logits, self.kv_cache = fn(self.params, self.kv_cache, inputs)
@@ -141,12 +140,23 @@ class ModelRunner:
         return (StepInputs(token_ids, positions, metadata),
                 StepKey(num_tokens=t_pad, num_seqs=b_pad, num_pages=p_pad, decode_only=decode_only))
 
-    def _copy_indices(self, pages_to_copy: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-        """(src, dst) page ids padded to a bucket with (0, 0): the null page copied onto itself."""
-        size = next((b for b in self.copy_buckets if b >= len(pages_to_copy)), len(pages_to_copy))
-        src, dst = np.zeros(size, np.int32), np.zeros(size, np.int32)
-        src[:len(pages_to_copy)], dst[:len(pages_to_copy)] = zip(*pages_to_copy)
-        return src, dst
+    def swap_params(self, params) -> None:
+        """Replace the weights with a tree of the same layout, so the compiled steps still fit.
+
+        NumPy leaves are placed like the leaves they replace; jax.Array leaves must already be.
+        """
+        current, treedef = jax.tree_util.tree_flatten_with_path(self.params)
+        new, new_treedef = jax.tree_util.tree_flatten_with_path(params)
+        if new_treedef != treedef:
+            old_paths = {jax.tree_util.keystr(p) for p, _ in current}
+            new_paths = {jax.tree_util.keystr(p) for p, _ in new}
+            raise ValueError(f"update_params: the params tree differs from the engine's: missing "
+                             f"{sorted(old_paths - new_paths)[:4]}, unexpected "
+                             f"{sorted(new_paths - old_paths)[:4]}; pass the same tree as the "
+                             f"loaded checkpoint's params (jpaged.load gives it)")
+        self.params = jax.tree.unflatten(treedef, [
+            _same_layout(jax.tree_util.keystr(path), old, leaf)
+            for (path, old), (_, leaf) in zip(current, new)])
 
     def _compile(self, key: StepKey, inputs: StepInputs):
         start = time.perf_counter()
@@ -165,8 +175,18 @@ class ModelRunner:
         return sample(logits, tensors, flags=flags)
 
 
-def copy_pages(kv_cache: KVCache, src, dst) -> KVCache:
-    """Copy pages src[i] -> dst[i] of every layer and KV head (copy-on-write), in place when the
-    cache is donated. src, dst [C] int32; padding pairs are (0, 0)."""
-    return KVCache(kv_cache.k.at[:, :, dst].set(kv_cache.k[:, :, src]),
-                   kv_cache.v.at[:, :, dst].set(kv_cache.v[:, :, src]))
+
+def _same_layout(path: str, old: jax.Array, leaf) -> jax.Array:
+    """`leaf` as a jax.Array laid out like `old`, or a ValueError naming the difference."""
+    shape, dtype = tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", type(leaf))
+    if shape != old.shape or dtype != old.dtype:
+        raise ValueError(f"update_params: params{path} is {dtype}{list(shape)} but the engine's is "
+                         f"{old.dtype}{list(old.shape)}; new weights need the same shapes and "
+                         f"dtypes (cast with .astype({old.dtype.name!r}) or load with that dtype)")
+    if not isinstance(leaf, jax.Array):
+        return jax.device_put(leaf, old.sharding)
+    if not old.sharding.is_equivalent_to(leaf.sharding, old.ndim):
+        raise ValueError(f"update_params: params{path} has sharding {leaf.sharding} but the "
+                         f"engine's has {old.sharding}; place it the same way "
+                         f"(jax.device_put(leaf, old_leaf.sharding))")
+    return leaf

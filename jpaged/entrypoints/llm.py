@@ -49,6 +49,12 @@ class LLM:
         """Forget every cached prompt prefix (e.g. between benchmark runs)."""
         self.llm_engine.block_manager.reset_prefix_cache()
 
+    def update_params(self, params) -> None:
+        """Swap the weights in place (same tree, shapes, dtypes, shardings: nothing recompiles);
+        running requests are recomputed under the new weights and the prefix cache is reset.
+        See LLMEngine.update_params."""
+        self.llm_engine.update_params(params)
+
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

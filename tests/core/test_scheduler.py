@@ -100,3 +100,22 @@ def test_running_sequence_preempts_itself_when_alone_at_the_end():
     assert out.preempted == [b.seq_id]
     assert [s.request_id for s in out.scheduled] == ["a"]
     assert a.block_table == [1, 3]
+
+
+def test_preempt_all_running_requeues_in_order_and_frees_every_page():
+    bm = BlockManager(num_pages=10, page_size=4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=64)
+    a, b, c = seq("a", 6), seq("b", 3), seq("c", 2)
+    for s in (a, b, c):
+        sched.add(s)
+    run_step(sched, sched.schedule())
+    assert (a.block_table, b.block_table, a.num_computed_tokens) == ([1, 2], [3], 6)
+    assert sched.preempt_all_running() == [a.seq_id, b.seq_id]
+    assert list(sched.waiting) == [a, b, c] and not sched.running
+    assert all(s.status is SequenceStatus.WAITING and s.num_computed_tokens == 0 for s in (a, b))
+    assert bm.all_free() and sched.num_preemptions == 2
+    # Recomputed from scratch (prompt + the output so far), on pages from the back of the free list.
+    out = sched.schedule()
+    assert [(s.request_id, s.num_computed_tokens, s.num_new_tokens) for s in out.scheduled] == [
+        ("a", 0, 7), ("b", 0, 4)]
+    assert (a.block_table, b.block_table) == ([4, 5], [6])
