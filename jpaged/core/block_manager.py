@@ -1,29 +1,50 @@
-"""KV page bookkeeping on the host: a free list, a refcount per page, and the prefix cache.
+"""KV page bookkeeping on the host: a free list, a refcount per page, forks with copy-on-write,
+the prefix cache, and a host pool for swapped-out pages.
 
 NOTE: page 0 is the null page. It is never handed out: padding entries in block tables and the
 slots of padding tokens point at it, so it absorbs garbage writes and is never read for a valid
 position. Usable pages are 1..num_pages-1.
-NOTE: refcounts. A page is free exactly when its refcount is 0 and it sits in `free_pages`.
-`allocate` takes pages from the front of the free list at refcount 1; `free` walks a table,
-decrements, and returns a page to the back of the free list when it reaches 0.
-NOTE: prefix cache. A page whose S tokens are all computed is immutable; `commit` names it by the
-hash of its tokens and of every token before it, so equal prompt prefixes map to the same pages.
-`match_prefix` gives a new sequence those pages (refcount + 1, taken out of the free list if they
-were free). A freed page keeps its name until `allocate` hands it out again: the free list is the
-eviction order, least recently freed first, and `free` returns a table's last pages first.
+NOTE: refcounts. A page's refcount is the number of block tables that hold it; it is free exactly
+when that is 0 and it sits in `free_pages`. `allocate` takes pages from the front of the free list
+at refcount 1; `fork` gives a child its parent's table and adds 1 to each page; `free` walks a
+table, decrements, and returns a page to the back of the free list when it reaches 0.
+NOTE: copy-on-write. A page held by more than one table is read-only. Before a step writes into
+one, `make_writable` gives the writer a fresh page and reports (shared, fresh) so the runner copies
+the contents first; the other holders keep the original.
+NOTE: prefix cache. A full page is immutable; `commit` names it by a chained SHA-256 key over its
+tokens and its parent's key, and keeps its tokens: `match_prefix` reuses a page only when the key
+and the stored tokens both match, so a hash collision can never serve another prompt's KV (vLLM's
+CVE-2025-25183 was this). A freed page keeps its name until `allocate` hands it out again: the free
+list is the eviction order, least recently freed first, and `free` returns a table's last pages
+first.
+NOTE: swap. `swap_out` moves a table's pages to host pages (refcounts on the device drop as in
+`free`); `swap_in` moves them back to fresh device pages. Each returns the (from, to) pairs the
+runner copies in one gather or scatter.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
+
+import numpy as np
 
 from jpaged.core.sequence import Sequence
 
 NULL_PAGE = 0
 
 
+def page_key(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
+    """The prefix-cache key of a full page: SHA-256 over the parent page's key and this page's
+    token ids (as little-endian int32)."""
+    digest = hashlib.sha256(parent or b"")
+    digest.update(np.asarray(tokens, "<i4").tobytes())
+    return digest.digest()
+
+
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
+                 num_host_pages: int = 0):
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is the null page), got {num_pages}")
         self.num_pages = num_pages
@@ -31,8 +52,12 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.refcounts = [0] * num_pages
         self.free_pages: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_pages))
-        self.cached_pages: dict[int, int] = {}     # prefix hash -> page
-        self.page_hashes: dict[int, int] = {}      # page -> prefix hash
+        self.cached_pages: dict[bytes, int] = {}                  # key -> page
+        self.page_keys: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # page -> (key, its tokens)
+        self.num_host_pages = num_host_pages
+        self.free_host_pages: list[int] = list(range(num_host_pages))
+        self.num_prefix_queries = 0       # pages looked up in the prefix cache
+        self.num_prefix_hits = 0          # of those, pages reused
 
     @property
     def num_free_pages(self) -> int:
@@ -41,6 +66,11 @@ class BlockManager:
     @property
     def num_usable_pages(self) -> int:
         return self.num_pages - 1
+
+    @property
+    def num_cached_free_pages(self) -> int:
+        """Free pages that still hold a named prefix (reusable until handed out again)."""
+        return sum(1 for page in self.page_keys if self.refcounts[page] == 0)
 
     def pages_needed(self, seq: Sequence, num_tokens: int) -> int:
         """Pages `seq` must still get so its table covers `num_tokens` tokens."""
@@ -51,21 +81,49 @@ class BlockManager:
         needed = self.pages_needed(seq, num_tokens)
         if needed > len(self.free_pages):
             return False
-        for _ in range(needed):
-            page, _ = self.free_pages.popitem(last=False)
-            if page in self.page_hashes:                  # evict its old contents from the cache
-                del self.cached_pages[self.page_hashes.pop(page)]
-            self.refcounts[page] = 1
-            seq.block_table.append(page)
+        seq.block_table.extend(self._take() for _ in range(needed))
         return True
+
+    def _take(self) -> int:
+        page, _ = self.free_pages.popitem(last=False)
+        if page in self.page_keys:                         # evict its old contents from the cache
+            del self.cached_pages[self.page_keys.pop(page)[0]]
+        self.refcounts[page] = 1
+        return page
+
+    def _release(self, page: int) -> None:
+        self.refcounts[page] -= 1
+        if self.refcounts[page] == 0:
+            self.free_pages[page] = None
 
     def free(self, seq: Sequence) -> None:
         for page in reversed(seq.block_table):
-            self.refcounts[page] -= 1
-            if self.refcounts[page] == 0:
-                self.free_pages[page] = None
+            self._release(page)
         seq.block_table = []
         seq.num_committed_pages = 0
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child shares every page of the parent (refcount + 1 each), no copy."""
+        for page in parent.block_table:
+            self.refcounts[page] += 1
+        child.block_table = list(parent.block_table)
+        child.num_committed_pages = parent.num_committed_pages
+
+    def make_writable(self, seq: Sequence, first: int, end: int) -> list[tuple[int, int]] | None:
+        """Give `seq` private copies of the shared pages that positions [first, end) write into.
+        Returns the (shared, fresh) pages to copy, or None (nothing changed) when the free list
+        is too short."""
+        shared = [i for i in range(first // self.page_size, -(-end // self.page_size))
+                  if i < len(seq.block_table) and self.refcounts[seq.block_table[i]] > 1]
+        if len(shared) > len(self.free_pages):
+            return None
+        copies = []
+        for i in shared:
+            old, new = seq.block_table[i], self._take()
+            self._release(old)
+            seq.block_table[i] = new
+            copies.append((old, new))
+        return copies
 
     def match_prefix(self, seq: Sequence) -> int:
         """Give a sequence with no pages yet the cached pages of its longest cached prefix.
@@ -73,11 +131,12 @@ class BlockManager:
         it must be computed to produce the logits of the next one."""
         if not self.enable_prefix_caching or seq.block_table:
             return 0
-        hashes = seq.prefix_hashes(self.page_size, (seq.num_tokens - 1) // self.page_size)
-        for prefix_hash in hashes:
-            page = self.cached_pages.get(prefix_hash)
-            if page is None:
+        for key, tokens in seq.full_pages(self.page_size, (seq.num_tokens - 1) // self.page_size):
+            self.num_prefix_queries += 1
+            page = self.cached_pages.get(key)
+            if page is None or self.page_keys[page][1] != tokens:
                 break
+            self.num_prefix_hits += 1
             if self.refcounts[page] == 0:
                 del self.free_pages[page]
             self.refcounts[page] += 1
@@ -91,18 +150,47 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         full = seq.num_computed_tokens // self.page_size
-        hashes = seq.prefix_hashes(self.page_size, full)
+        pages = seq.full_pages(self.page_size, full)
         for i in range(seq.num_committed_pages, full):
-            page = seq.block_table[i]
-            if hashes[i] not in self.cached_pages and page not in self.page_hashes:
-                self.cached_pages[hashes[i]] = page
-                self.page_hashes[page] = hashes[i]
+            page, (key, tokens) = seq.block_table[i], pages[i]
+            if key not in self.cached_pages and page not in self.page_keys:
+                self.cached_pages[key] = page
+                self.page_keys[page] = (key, tokens)
         seq.num_committed_pages = max(seq.num_committed_pages, full)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (vLLM's `reset_prefix_cache`); pages in use are untouched."""
         self.cached_pages.clear()
-        self.page_hashes.clear()
+        self.page_keys.clear()
+
+    # ---- swap ----------------------------------------------------------------------------------
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return len(seq.block_table) <= len(self.free_host_pages)
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Move the table to host pages: returns (device page, host page) pairs to copy; the device
+        pages are released as in `free`."""
+        host = [self.free_host_pages.pop() for _ in seq.block_table]
+        moves = list(zip(seq.block_table, host))
+        self.free(seq)
+        seq.host_block_table = host
+        return moves
+
+    def can_swap_in(self, seq: Sequence) -> bool:
+        return len(seq.host_block_table) <= len(self.free_pages)
+
+    def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Bring a swapped table back to fresh device pages: (host page, device page) pairs."""
+        seq.block_table = [self._take() for _ in seq.host_block_table]
+        moves = list(zip(seq.host_block_table, seq.block_table))
+        self.free_host_pages.extend(reversed(seq.host_block_table))
+        seq.host_block_table = []
+        return moves
+
+    def drop_host_pages(self, seq: Sequence) -> None:
+        self.free_host_pages.extend(reversed(seq.host_block_table))
+        seq.host_block_table = []
 
     def all_free(self) -> bool:
-        return self.num_free_pages == self.num_usable_pages and not any(self.refcounts)
+        return (self.num_free_pages == self.num_usable_pages and not any(self.refcounts)
+                and len(self.free_host_pages) == self.num_host_pages)

@@ -18,6 +18,7 @@ _seq_ids = itertools.count()
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"          # preempted with its pages moved to the host pool
     FINISHED = "finished"
 
 
@@ -36,8 +37,9 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.num_committed_pages = 0            # leading pages named in the prefix cache
-        self.first_sibling: Sequence | None = None  # sample 0 of the same request when n > 1
-        self._prefix_hashes: list[int] = []
+        self.host_block_table: list[int] = []   # host pages while SWAPPED
+        self.pending_forks: list[Sequence] = []  # n > 1: samples forked off when the prompt is done
+        self._full_pages: list[tuple[bytes, tuple[int, ...]]] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict] = []
@@ -59,19 +61,23 @@ class Sequence:
     def num_output_tokens(self) -> int:
         return self.num_tokens - self.num_prompt_tokens
 
-    def prefix_hashes(self, page_size: int, count: int) -> list[int]:
-        """Hashes of the first `count` full pages, each over its tokens and every token before it.
+    def full_pages(self, page_size: int, count: int) -> list[tuple[bytes, tuple[int, ...]]]:
+        """(prefix-cache key, token ids) of the first `count` full pages; see page_key.
 
-        NOTE: Python's hash of int tuples (deterministic, 64-bit, not cryptographic): a collision
-        would share a wrong page, as in vLLM v0. Tokens are only ever appended, so the hashes stay
-        valid across preemption and are computed once.
+        NOTE: tokens are only ever appended, so the keys stay valid across preemption and forks
+        and are computed once.
         """
-        while len(self._prefix_hashes) < count:
-            i = len(self._prefix_hashes)
-            parent = self._prefix_hashes[-1] if i else None
-            page_tokens = tuple(self.token_ids[i * page_size:(i + 1) * page_size])
-            self._prefix_hashes.append(hash((parent, page_tokens)))
-        return self._prefix_hashes[:count]
+        from jpaged.core.block_manager import page_key
+        while len(self._full_pages) < count:
+            i = len(self._full_pages)
+            parent = self._full_pages[-1][0] if i else None
+            tokens = tuple(self.token_ids[i * page_size:(i + 1) * page_size])
+            self._full_pages.append((page_key(parent, tokens), tokens))
+        return self._full_pages[:count]
+
+    def inherit_prefix_keys(self, parent: "Sequence") -> None:
+        """A fork has the parent's prompt: reuse its computed page keys."""
+        self._full_pages = list(parent._full_pages)
 
     @property
     def is_finished(self) -> bool:

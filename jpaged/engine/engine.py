@@ -235,13 +235,36 @@ class LLMEngine:
     def eos_token_ids(self, ids) -> None:
         self.output_processor.eos_token_ids = tuple(ids)
 
+    def stats(self) -> dict[str, int]:
+        """KV pages (usable total, used, cached-but-free, free), prefix-cache page queries and
+        hits, preemptions by mode, swapped pages, compilations and queue lengths."""
+        bm, sched = self.block_manager, self.scheduler
+        cached_free = bm.num_cached_free_pages
+        return {
+            "kv_pages_total": bm.num_usable_pages,
+            "kv_pages_used": bm.num_usable_pages - bm.num_free_pages,
+            "kv_pages_cached": cached_free,
+            "kv_pages_free": bm.num_free_pages - cached_free,
+            "prefix_cache_queries": bm.num_prefix_queries,
+            "prefix_cache_hits": bm.num_prefix_hits,
+            "preemptions_recompute": sched.num_preemptions["recompute"],
+            "preemptions_swap": sched.num_preemptions["swap"],
+            "swapped_out_pages": sched.num_swapped_out_pages,
+            "swapped_in_pages": sched.num_swapped_in_pages,
+            "host_pages_used": bm.num_host_pages - len(bm.free_host_pages),
+            "compilations": self.num_compilations,
+            "running": len(sched.running),
+            "waiting": len(sched.waiting),
+            "swapped": len(sched.swapped),
+        }
+
     @property
     def num_compilations(self) -> int:
         return self.runner.num_compilations
 
     @property
     def num_preemptions(self) -> int:
-        return self.scheduler.num_preemptions
+        return sum(self.scheduler.num_preemptions.values())
 
     @property
     def num_cached_tokens(self) -> int:

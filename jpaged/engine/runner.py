@@ -175,7 +175,6 @@ class ModelRunner:
         return sample(logits, tensors, flags=flags)
 
 
-
 def _same_layout(path: str, old: jax.Array, leaf) -> jax.Array:
     """`leaf` as a jax.Array laid out like `old`, or a ValueError naming the difference."""
     shape, dtype = tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", type(leaf))

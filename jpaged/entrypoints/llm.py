@@ -45,6 +45,11 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
+    def stats(self) -> dict[str, int]:
+        """The engine's counters: KV pages total/used/cached/free, prefix-cache queries and hits,
+        preemptions by mode, swapped pages, compilations (see LLMEngine.stats)."""
+        return self.llm_engine.stats()
+
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (e.g. between benchmark runs)."""
         self.llm_engine.block_manager.reset_prefix_cache()
