@@ -53,7 +53,10 @@ def hf_model_dir(gguf_path: Path) -> Path:
     kwargs = dict(gguf_file=gguf_path.name)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32,
                                                                **kwargs)
-    fresh = transformers.AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):      # the weights saved are plain float32
+        del config.quantization_config
+    fresh = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     fresh.load_state_dict(loaded.state_dict())
     MODEL_CACHE.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=MODEL_CACHE, prefix=".partial-"))
@@ -74,7 +77,8 @@ def run(model_dir: Path, prompts: list[list[int]], output_len: int, batch1_token
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(prompts, f)
-    argv = [str(python), __file__, "child", "--model", str(model_dir), "--prompts", f.name,
+    # -P: benchmarks/ must not be on the child's path (its kernels.py would shadow a package)
+    argv = [str(python), "-P", __file__, "child", "--model", str(model_dir), "--prompts", f.name,
             "--output-len", str(output_len), "--batch1-tokens", str(batch1_tokens), "--dtype", dtype]
     start = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
