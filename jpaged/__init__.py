@@ -11,6 +11,10 @@ import importlib
 _PUBLIC = {
     "LLM": "jpaged.entrypoints.llm",
     "SamplingParams": "jpaged.sampling_params",
+    "BeamSearchParams": "jpaged.sampling_params",
+    "RequestOutputKind": "jpaged.sampling_params",
+    "BeamSearchOutput": "jpaged.outputs",
+    "BeamSearchSequence": "jpaged.outputs",
     "RequestOutput": "jpaged.outputs",
     "CompletionOutput": "jpaged.outputs",
     "Logprob": "jpaged.outputs",

@@ -33,3 +33,19 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+
+
+@dataclasses.dataclass
+class BeamSearchSequence:
+    """One finished beam (vLLM's names): `tokens` holds the prompt and the output."""
+    tokens: list[int]
+    text: str | None
+    cum_logprob: float
+    score: float                      # the ranking score: cum_logprob / len(output) ** length_penalty
+    finish_reason: str | None = None  # "stop" (EOS) or "length"
+
+
+@dataclasses.dataclass
+class BeamSearchOutput:
+    """Per prompt: its beams, best first (vLLM's `BeamSearchOutput`)."""
+    sequences: list[BeamSearchSequence]

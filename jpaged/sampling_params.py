@@ -140,3 +140,34 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"SamplingParams: {message}")
+
+
+@dataclasses.dataclass
+class BeamSearchParams:
+    """vLLM's beam-search parameters, validated up front.
+
+    temperature is accepted for vLLM compatibility; as in vLLM and in HF's beam search without
+    sampling, beams are ranked by the model's own log-probabilities.
+    """
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+
+    def __post_init__(self):
+        checks = [
+            (_is_int(self.beam_width) and 1 <= self.beam_width <= MAX_LOGPROBS // 2,
+             f"beam_width must be an int in 1..{MAX_LOGPROBS // 2} (candidates come from the top "
+             f"{MAX_LOGPROBS} log-probs), got {self.beam_width!r}"),
+            (_is_int(self.max_tokens) and self.max_tokens >= 1,
+             f"max_tokens must be an int >= 1, got {self.max_tokens!r}"),
+            (isinstance(self.ignore_eos, bool), f"ignore_eos must be a bool, got {self.ignore_eos!r}"),
+            (_is_number(self.temperature) and self.temperature >= 0,
+             f"temperature must be a number >= 0, got {self.temperature!r}"),
+            (_is_number(self.length_penalty),
+             f"length_penalty must be a number, got {self.length_penalty!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"BeamSearchParams: {message}")

@@ -103,8 +103,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and step.budget > 0:
             seq = self.running[i]
-            if seq.seq_id in step.seq_ids:              # forked in this step, already scheduled
-                i += 1
+            if seq.seq_id in step.seq_ids or seq.num_computed_tokens == seq.num_tokens or \
+                    not step.has_rows_for(seq, self.max_num_seqs):
+                i += 1              # forked in this step, a beam waiting for its siblings, or
+                                    # (beams forked past max_num_seqs) no row left this step
             elif self._reserve(seq, min(seq.num_tokens - seq.num_computed_tokens, step.budget),
                                step):
                 i += 1
@@ -135,6 +137,8 @@ class Scheduler:
         bm = self.block_manager
         while self.swapped and step.budget > 0 and self._free_seats() >= 1:
             seq = self.swapped[0]
+            if not step.has_rows_for(seq, self.max_num_seqs):
+                return
             n = min(seq.num_tokens - seq.num_computed_tokens, step.budget)
             if bm.pages_needed(seq, seq.num_computed_tokens + n) > bm.num_free_pages:
                 return                      # (its table is empty: this counts the host pages too)
@@ -151,7 +155,7 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and step.budget > 0:
             seq = self.waiting[0]
-            if self._free_seats() < 1 + len(seq.pending_forks):
+            if self._free_seats() < seq.seats or not step.has_rows_for(seq, self.max_num_seqs):
                 return
             cached = bm.match_prefix(seq)
             seq.num_computed_tokens += cached
@@ -180,9 +184,25 @@ class Scheduler:
             step.add(child, 0)
         seq.pending_forks = []
 
+    def fork(self, parent: Sequence, child: Sequence) -> Sequence:
+        """Make `child` a copy of `parent` sharing its pages (beam search): same tokens and
+        progress, refcounts up; it runs (or waits) where the parent does."""
+        child.token_ids = list(parent.token_ids)
+        child.prompt_token_ids = parent.prompt_token_ids
+        child.inherit_prefix_keys(parent)
+        if parent.status is SequenceStatus.RUNNING:
+            child.num_computed_tokens = parent.num_computed_tokens
+            self.block_manager.fork(parent, child)
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+        else:                                   # a preempted parent: the child recomputes too
+            child.status = SequenceStatus.WAITING
+            self.waiting.append(child)
+        return child
+
     def _free_seats(self) -> int:
         """max_num_seqs minus the running sequences and the samples they will fork."""
-        return self.max_num_seqs - sum(1 + len(s.pending_forks) for s in self.running)
+        return self.max_num_seqs - sum(s.seats for s in self.running)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         out.preempted.append(seq.seq_id)
@@ -246,6 +266,10 @@ class _Step:
     budget: int
     out: SchedulerOutput
     seq_ids: set[int] = dataclasses.field(default_factory=set)
+
+    def has_rows_for(self, seq: Sequence, max_rows: int) -> bool:
+        """Room in this step for `seq` and the samples it may fork (rows <= max_num_seqs)."""
+        return len(self.out.scheduled) + 1 + len(seq.pending_forks) <= max_rows
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seq_ids.add(seq.seq_id)

@@ -39,6 +39,7 @@ class Sequence:
         self.num_committed_pages = 0            # leading pages named in the prefix cache
         self.host_block_table: list[int] = []   # host pages while SWAPPED
         self.pending_forks: list[Sequence] = []  # n > 1: samples forked off when the prompt is done
+        self.extra_seats = 0                    # seats held for beams not forked yet
         self._full_pages: list[tuple[bytes, tuple[int, ...]]] = []
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
@@ -56,6 +57,12 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def seats(self) -> int:
+        """Scheduler seats (of max_num_seqs) this sequence holds: itself and the samples or
+        beams it will fork."""
+        return 1 + len(self.pending_forks) + self.extra_seats
 
     @property
     def num_output_tokens(self) -> int:

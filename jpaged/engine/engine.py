@@ -21,13 +21,15 @@ from jpaged.core.block_manager import BlockManager
 from jpaged.core.scheduler import PREEMPTION_MODES, ScheduledSeq, Scheduler
 from jpaged.core.sequence import Sequence
 from jpaged.engine.attention import ProbeShape, select_attention
+from jpaged.engine.beam_search import BeamRequest, BeamSearch
 from jpaged.engine.compilation_cache import enable_compilation_cache
 from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.engine.runner import ModelRunner
 from jpaged.engine.sampler import SamplerOutput
 from jpaged.models.llama import CausalLM, KVCache
 from jpaged.outputs import RequestOutput
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import (MAX_LOGPROBS, BeamSearchParams, RequestOutputKind,
+                                    SamplingParams)
 
 logger = logging.getLogger("jpaged")
 _GIB = 1 << 30
@@ -149,12 +151,42 @@ class LLMEngine:
         seqs = [Sequence(request_id, i, token_ids, params, (base_seed + i * 0x9E3779B9) % 2**32,
                          max_tokens) for i in range(params.n)]
         seqs[0].pending_forks = seqs[1:]       # forked off sample 0 when its prompt is computed
-        state = self.output_processor.new_request(request_id, text, token_ids, params, seqs)
+        self._register(self.output_processor.new_request(request_id, text, token_ids, params, seqs))
+
+    def add_beam_request(self, request_id: str, prompt: str | dict | list[int],
+                         params: BeamSearchParams) -> None:
+        """Queue a beam search (see engine/beam_search.py); its one output, when finished, holds
+        the beam_width best hypotheses, best first."""
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"beam search params must be a BeamSearchParams, got "
+                             f"{type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        self._validate_prompt(token_ids)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
+        search = BeamSearch(params.beam_width, max_tokens, self.eos_token_ids, params.ignore_eos,
+                            params.length_penalty)
+        if search.num_candidates > MAX_LOGPROBS:
+            raise ValueError(f"BeamSearchParams: beam_width={params.beam_width} needs the top "
+                             f"{search.num_candidates} log-probs per beam ({len(self.eos_token_ids)} "
+                             f"EOS ids), more than {MAX_LOGPROBS}; lower beam_width")
+        if params.beam_width > self.config.max_num_seqs:
+            raise ValueError(f"BeamSearchParams: beam_width={params.beam_width} is more than "
+                             f"max_num_seqs={self.config.max_num_seqs}; lower it or raise max_num_seqs")
+        sampling = SamplingParams(temperature=0.0, logprobs=search.num_candidates,
+                                  max_tokens=max_tokens, ignore_eos=True,
+                                  output_kind=RequestOutputKind.FINAL_ONLY)
+        first = Sequence(request_id, 0, token_ids, sampling, 0, max_tokens)
+        first.extra_seats = params.beam_width - 1         # its beams' seats, held from admission
+        state = self.output_processor.new_request(request_id, text, token_ids, sampling, [first])
+        state.beam = BeamRequest(search, first)
+        self._register(state)
+
+    def _register(self, state: RequestState) -> None:
         with self._lock:
-            if request_id in self.requests:
-                raise ValueError(f"request_id {request_id!r} is already in use; give each "
+            if state.request_id in self.requests:
+                raise ValueError(f"request_id {state.request_id!r} is already in use; give each "
                                  f"request a unique id")
-            self.requests[request_id] = state
+            self.requests[state.request_id] = state
             self._inbox.append(("add", state))
 
     def abort_request(self, request_id: str) -> None:
@@ -200,7 +232,7 @@ class LLMEngine:
                 continue
             with self._lock:
                 state = self.requests.pop(item, None)
-            for seq in state.seqs if state else []:
+            for seq in (state.beam.seqs if state and state.beam else state.seqs if state else []):
                 self._seqs.pop(seq.seq_id, None)
                 if not seq.is_finished:
                     self.scheduler.abort(seq)
@@ -234,6 +266,13 @@ class LLMEngine:
     @eos_token_ids.setter
     def eos_token_ids(self, ids) -> None:
         self.output_processor.eos_token_ids = tuple(ids)
+
+    def _advance_beams(self, beam: BeamRequest) -> None:
+        """Turn a beam request's selection into forks and frees (all freed when it is done)."""
+        new, dropped = beam.advance(self.scheduler)
+        for seq in dropped:
+            del self._seqs[seq.seq_id]
+        self._seqs.update((seq.seq_id, seq) for seq in new)
 
     def stats(self) -> dict[str, int]:
         """KV pages (usable total, used, cached-but-free, free), prefix-cache page queries and
@@ -330,19 +369,24 @@ class LLMEngine:
             self.block_manager.commit(seq)
             if not row.samples:
                 continue
+            state = self.requests[seq.request_id]
+            touched[state.request_id] = state
+            if state.beam is not None:        # candidates only: the selection appends tokens
+                state.beam.record(seq, sampled.top_ids[i], sampled.top_logprobs[i])
+                continue
             token = int(sampled.token_ids[i])
             seq.token_ids.append(token)
             if seq.params.logprobs is not None:
                 self.output_processor.record_logprobs(seq, token, float(sampled.logprobs[i]),
                                                       sampled.top_ids[i], sampled.top_logprobs[i])
-            state = self.requests[seq.request_id]
             finish = self.output_processor.check_stop(seq, token, state.detokenizers[seq.index])
             if finish is not None:
                 self.scheduler.finish(seq, *finish)
                 del self._seqs[seq.seq_id]
-            touched[state.request_id] = state
         outputs = []
         for state in touched.values():
+            if state.beam is not None and state.beam.ready:
+                self._advance_beams(state.beam)
             output = self.output_processor.make_output(state)
             if output is not None:
                 outputs.append(output)

@@ -17,6 +17,7 @@ import dataclasses
 import threading
 
 from jpaged.core.sequence import Sequence
+from jpaged.engine.beam_search import BeamRequest
 from jpaged.engine.detokenizer import IncrementalDetokenizer
 from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -39,9 +40,12 @@ class RequestState:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer | None]   # per sample; None: decode once at the end
     sent: list[Sent]
+    beam: BeamRequest | None = None        # a beam-search request (its seqs change every step)
 
     @property
     def finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.search.done
         return all(seq.is_finished for seq in self.seqs)
 
 
@@ -103,6 +107,12 @@ class OutputProcessor:
 
     def make_output(self, state: RequestState) -> RequestOutput | None:
         """This step's output for a request that produced tokens, as its output_kind asks."""
+        if state.beam is not None:
+            if not state.beam.search.done:
+                return None
+            return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids,
+                                 state.beam.outputs(state.prompt_token_ids, self.decode),
+                                 finished=True)
         kind = state.params.output_kind
         finished = state.finished
         if kind is RequestOutputKind.FINAL_ONLY and not finished:
@@ -145,5 +155,10 @@ class OutputProcessor:
         stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
         if stopped_by_token and not p.include_stop_str_in_output:
             ids = ids[:-1]
+        return self.decode(ids, p.skip_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str | None:
+        if self.tokenizer is None:
+            return None
         with self.tokenizer_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+            return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -10,8 +10,8 @@ import jax
 from tqdm.auto import tqdm
 
 from jpaged.engine.engine import EngineConfig, LLMEngine
-from jpaged.outputs import RequestOutput
-from jpaged.sampling_params import RequestOutputKind, SamplingParams
+from jpaged.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from jpaged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 PromptType = str | dict
 
@@ -88,6 +88,25 @@ class LLM:
             raise
         return self._run(request_ids, use_tqdm)
 
+    def beam_search(self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search per prompt (vLLM's `LLM.beam_search`), in the engine: beams share pages
+        with copy-on-write and are chosen from each beam's top log-probs on device. Each output's
+        `sequences` are the beam_width best hypotheses, best first (HF's scoring: cum_logprob /
+        output length ** length_penalty; see jpaged/engine/beam_search.py)."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        engine = self.llm_engine
+        request_ids = []
+        try:
+            for prompt in prompts:
+                request_ids.append(f"beam-{next(self._ids)}")
+                engine.add_beam_request(request_ids[-1], prompt, params)
+        except Exception:
+            for rid in request_ids:
+                engine.abort_request(rid)
+            raise
+        return [_beam_output(out, params) for out in self._run(request_ids, use_tqdm)]
+
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
@@ -131,3 +150,12 @@ def resolve_dtype(dtype: str) -> str:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")
     return dtype
+
+
+def _beam_output(out: RequestOutput, params: BeamSearchParams) -> BeamSearchOutput:
+    return BeamSearchOutput([
+        BeamSearchSequence(tokens=out.prompt_token_ids + c.token_ids, text=c.text,
+                           cum_logprob=c.cumulative_logprob,
+                           score=c.cumulative_logprob / len(c.token_ids) ** params.length_penalty,
+                           finish_reason=c.finish_reason)
+        for c in out.outputs])
