@@ -39,13 +39,11 @@ def warmup_plan(runner, max_model_len: int, max_num_batched_tokens: int
     page_size = runner.page_size
     pages = [p for p in runner.page_buckets if (p - 1) * page_size < max_model_len]
     plan = [("decode", b, 1, p) for p in pages for b in runner.seq_buckets]
-    seen = set()
-    for length in range(1, min(max_model_len - 1, max_num_batched_tokens) + 1):
-        key = (_pick(runner.token_buckets, length),
-               _pick(runner.page_buckets, -(-length // page_size)))
-        if key not in seen:
-            seen.add(key)
-            plan.append(("prefill", 1, length, -(-length // page_size)))
+    longest = {}       # (T, P) bucket -> the longest prompt in it (a 1-token prompt is a decode)
+    for length in range(2, min(max_model_len - 1, max_num_batched_tokens) + 1):
+        longest[(_pick(runner.token_buckets, length),
+                 _pick(runner.page_buckets, -(-length // page_size)))] = length
+    plan += [("prefill", 1, length, -(-length // page_size)) for length in longest.values()]
     return plan
 
 
@@ -76,7 +74,7 @@ def warm_up(engine) -> int:
             logger.info("warm-up: %d/%d buckets (%.0fs)", i + 1, len(plan),
                         time.perf_counter() - start)
     compiled = engine.num_compilations - before
-    logger.info("warm-up: %d buckets ready in %.1fs (%d compiled variants, the rest loaded from "
-                "the compilation cache or already compiled)", len(plan),
-                time.perf_counter() - start, compiled)
+    logger.info("warm-up: %d buckets ready in %.1fs (%d step and sampler variants compiled or "
+                "loaded from the compilation cache)", len(plan), time.perf_counter() - start,
+                compiled)
     return compiled

@@ -218,7 +218,12 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: st
 class GracefulServer(uvicorn.Server):
     """uvicorn's Server, exiting 0 after a graceful shutdown on SIGINT/SIGTERM.
     NOTE: uvicorn re-raises the captured signal once it has shut down (so the process dies of
-    it); a server that shut down as asked should exit 0 instead, so signals are only recorded."""
+    it); a server that shut down as asked should exit 0 instead, so signals are only recorded.
+    Shortly before uvicorn's graceful timeout would cancel the requests still in flight,
+    `before_cancel` runs (the engine aborts them), so their streams end with an error event and
+    `[DONE]` instead of being cut."""
+
+    before_cancel = None
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -229,3 +234,9 @@ class GracefulServer(uvicorn.Server):
         finally:
             for sig, handler in original.items():
                 signal.signal(sig, handler)
+
+    async def shutdown(self, sockets=None):
+        if self.before_cancel is not None:
+            delay = max(0.0, (self.config.timeout_graceful_shutdown or 0.0) - 0.5)
+            asyncio.get_running_loop().call_later(delay, self.before_cancel)
+        await super().shutdown(sockets)

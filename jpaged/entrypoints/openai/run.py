@@ -90,7 +90,9 @@ def run_server(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
     logger.info("serving %s on http://%s:%d (API key %s)", names, args.host, args.port,
                 "required" if args.api_key else "off")
-    GracefulServer(config).run()
+    server = GracefulServer(config)
+    server.before_cancel = async_engine.shutdown
+    server.run()
     return 0
 
 

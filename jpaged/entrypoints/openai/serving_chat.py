@@ -145,8 +145,8 @@ class _ChatChoices:
                         logprobs.setdefault(output.index, []).extend(step)
                     if output.finish_reason is not None:
                         finish[output.index] = (output.finish_reason, output.stop_reason)
-        except EngineStepError as exc:
-            raise OpenAIError(str(exc), 500) from exc
+        except (EngineStepError, EngineDeadError) as exc:
+            raise OpenAIError(str(exc), 500 if isinstance(exc, EngineStepError) else 503) from exc
         choices = [ChatCompletionResponseChoice(
             index=i, message=ChatResponseMessage(role="assistant", content="".join(texts[i])),
             logprobs=ChatCompletionLogProbs(content=logprobs[i]) if i in logprobs else None,

@@ -89,8 +89,8 @@ class OpenAIServingCompletion(OpenAIServing):
         try:
             async for _ in updates():
                 pass
-        except EngineStepError as exc:
-            raise OpenAIError(str(exc), 500) from exc
+        except (EngineStepError, EngineDeadError) as exc:
+            raise OpenAIError(str(exc), 500 if isinstance(exc, EngineStepError) else 503) from exc
         return {"text": [prompt + t for t in texts]}
 
     def add_requests(self, base_id: str, prompts_and_params) -> list:
@@ -224,8 +224,8 @@ class _Choices:
                             getattr(total, name).extend(getattr(step, name))
                     if output.finish_reason is not None:
                         finish[index] = (output.finish_reason, output.stop_reason)
-        except EngineStepError as exc:
-            raise OpenAIError(str(exc), 500) from exc
+        except (EngineStepError, EngineDeadError) as exc:
+            raise OpenAIError(str(exc), 500 if isinstance(exc, EngineStepError) else 503) from exc
         choices = [CompletionResponseChoice(index=i, text="".join(texts[i]),
                                             logprobs=logprobs.get(i),
                                             finish_reason=finish.get(i, (None, None))[0],
