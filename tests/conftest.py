@@ -66,11 +66,15 @@ class BackendCompiles:
     EVENT = "/jax/core/compile/backend_compile_duration"
 
     def __init__(self):
-        self.count = 0
+        self.names: list[str] = []          # the compiled functions' names, in order
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
 
     def __call__(self, event: str, duration: float, **kwargs) -> None:
         if event == self.EVENT:
-            self.count += 1
+            self.names.append(str(kwargs.get("fun_name", "?")))
 
 
 @pytest.fixture
