@@ -206,10 +206,12 @@ def run_generate(args) -> dict:
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
     lengths = np.array([len(p) for p in prompts], np.int32)
-    gen = jax.jit(jpaged.generate, static_argnames=("model", "max_new_tokens", "page_size"))
+    gen = jax.jit(jpaged.generate, static_argnames=("model", "max_new_tokens", "page_size",
+                                                     "eos_token_id", "min_new_tokens"))
     start = time.perf_counter()
     compiled = gen.lower(model, params, tokens, lengths, max_new_tokens=args.output_len,
-                         rng=jax.random.key(0), page_size=16).compile()   # greedy, EOS ignored
+                         rng=jax.random.key(0), page_size=16, eos_token_id=model.config.eos_token_ids,
+                         min_new_tokens=args.output_len).compile()   # greedy, EOS banned as jpaged's
     compile_s = time.perf_counter() - start
     compiled(params, tokens, lengths, rng=jax.random.key(0)).tokens.block_until_ready()   # warm-up
     start = time.perf_counter()

@@ -75,7 +75,7 @@ class _LoopState(NamedTuple):
 def generate(model: CausalLM, params, prompt_tokens, prompt_lengths, *, max_new_tokens: int, rng,
              temperature=0.0, top_k=None, top_p=None, page_size: int = 16,
              num_pages: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-             attention: AttentionFns | None = None) -> GenerateOutput:
+             min_new_tokens: int = 0, attention: AttentionFns | None = None) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens for each of B ragged prompts; pure and jittable.
 
     prompt_tokens [B, W] int32, prompt b in prompt_tokens[b, :prompt_lengths[b]] (1 <= length <= W,
@@ -83,29 +83,28 @@ def generate(model: CausalLM, params, prompt_tokens, prompt_lengths, *, max_new_
     `jax.random.bits(rng, (B,))[b]` and step = its output index, like the engine's per-sequence seeds.
     temperature 0 is greedy (exact argmax); it, top_k and top_p (None: off) may be traced scalars.
     Static: model, max_new_tokens, page_size, num_pages (default: exactly the pages needed, 1 + B*P),
-    eos_token_id (None: never stop early) and attention (default: the model's own).
+    eos_token_id (None: never stop early), min_new_tokens (EOS is banned, so cannot be sampled,
+    before that many tokens: vLLM's min_tokens, HF's min_new_tokens) and attention (default: the
+    model's own).
     """
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)                    # [B, W]
     prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)                  # [B]
     num_seqs, width = prompt_tokens.shape
     pages_per_seq = _check_args(model, prompt_lengths, num_seqs, width, max_new_tokens, page_size,
-                                num_pages, temperature, top_k, top_p)
+                                num_pages, temperature, top_k, top_p, min_new_tokens)
     if attention is not None:
         model = model.clone(attention=attention)
     num_pages = num_pages or 1 + num_seqs * pages_per_seq
     block_tables = 1 + jnp.arange(num_seqs * pages_per_seq, dtype=jnp.int32).reshape(
         num_seqs, pages_per_seq)                                             # [B, P]
     kv_cache = KVCache.zeros(model.config, num_pages, page_size, model.dtype)
-    tensors = _sampling_tensors(rng, prompt_lengths, temperature, top_k, top_p)
-    flags = SamplerFlags(all_greedy=isinstance(temperature, (int, float)) and temperature == 0,
-                         use_filters=top_k is not None or top_p is not None, use_penalties=False,
-                         use_bans=False, logprobs=True)
     eos = None if eos_token_id is None else jnp.atleast_1d(jnp.asarray(eos_token_id, jnp.int32))
+    sample_step = _make_sampler(rng, prompt_lengths, model.config.vocab_size, temperature, top_k,
+                                top_p, eos, min_new_tokens)
 
     def sample_into(state: _LoopState, logits, kv_cache) -> _LoopState:
         """Sample output token `state.step` for every row and record it where the row is alive."""
-        t = dataclasses.replace(tensors, steps=jnp.full((num_seqs,), state.step, jnp.int32))
-        token, logprob, _, _ = sample(logits, t, flags=flags)
+        token, logprob = sample_step(logits, state.step)
         alive = ~state.done
         stops = alive & (jnp.isin(token, eos) if eos is not None else False)
         return _LoopState(state.step + 1, kv_cache, token,
@@ -160,6 +159,27 @@ def _decode_metadata(block_tables, positions, page_size: int) -> AttentionMetada
                              jnp.arange(num_seqs + 1, dtype=jnp.int32), decode_only=True)
 
 
+def _make_sampler(rng, prompt_lengths, vocab_size: int, temperature, top_k, top_p, eos,
+                  min_new_tokens: int):
+    """The engine's sampler as `(logits [B, V], step) -> (tokens [B], logprobs [B])`."""
+    num_seqs = prompt_lengths.shape[0]
+    tensors = _sampling_tensors(rng, prompt_lengths, temperature, top_k, top_p)
+    use_bans = eos is not None and min_new_tokens > 0
+    flags = SamplerFlags(all_greedy=isinstance(temperature, (int, float)) and temperature == 0,
+                         use_filters=top_k is not None or top_p is not None, use_penalties=False,
+                         use_bans=use_bans, logprobs=True)
+    eos_mask = jnp.zeros(vocab_size, bool).at[eos].set(True) if use_bans else None      # [V]
+
+    def sample_step(logits, step):
+        t = dataclasses.replace(tensors, steps=jnp.full((num_seqs,), step, jnp.int32))
+        if use_bans:
+            t = dataclasses.replace(t, banned=jnp.broadcast_to(
+                eos_mask & (step < min_new_tokens), (num_seqs, vocab_size)))      # [B, V]
+        token, logprob, _, _ = sample(logits, t, flags=flags)   # top-k logprobs: dead code, dropped
+        return token, logprob
+    return sample_step
+
+
 def _sampling_tensors(rng, prompt_lengths, temperature, top_k, top_p) -> SamplingTensors:
     """The engine sampler's per-row inputs: seeds drawn from `rng`, no penalties or bans."""
     num_seqs = prompt_lengths.shape[0]
@@ -178,7 +198,7 @@ def _sampling_tensors(rng, prompt_lengths, temperature, top_k, top_p) -> Samplin
 
 
 def _check_args(model, prompt_lengths, num_seqs, width, max_new_tokens, page_size, num_pages,
-                temperature, top_k, top_p) -> int:
+                temperature, top_k, top_p, min_new_tokens) -> int:
     """Validate what can be checked while tracing; returns P, the pages per sequence."""
     if prompt_lengths.shape != (num_seqs,):
         raise ValueError(f"prompt_lengths has shape {prompt_lengths.shape}, but prompt_tokens holds "
@@ -186,6 +206,8 @@ def _check_args(model, prompt_lengths, num_seqs, width, max_new_tokens, page_siz
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a static int >= 1, got {max_new_tokens!r}; list "
                          f"it in jax.jit's static_argnames")
+    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be a static int >= 0, got {min_new_tokens!r}")
     if not isinstance(page_size, int) or page_size < 1 or page_size & (page_size - 1):
         raise ValueError(f"page_size must be a static power of two, got {page_size!r}")
     max_len = width + max_new_tokens - 1

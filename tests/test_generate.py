@@ -21,7 +21,8 @@ from jpaged.generation import GenerateOutput, generate
 from jpaged.models.llama import CausalLM
 from jpaged.models.random_weights import random_checkpoint
 
-STATIC = ("model", "max_new_tokens", "page_size", "num_pages", "eos_token_id")
+STATIC = ("model", "max_new_tokens", "page_size", "num_pages", "eos_token_id",
+          "min_new_tokens")
 GEN = jax.jit(generate, static_argnames=STATIC)            # temperature etc. traced
 GEN_STATIC_T = jax.jit(generate, static_argnames=STATIC + ("temperature",))
 
@@ -146,6 +147,13 @@ def test_per_sequence_stop_at_eos_pads_with_zero(random_model):
                                    atol=1e-6)
         assert not np.asarray(out.logprobs[b, n:]).any()
     assert int(out.lengths[1]) == 4
+    # min_new_tokens bans the EOS ids (vLLM's min_tokens): no stop, and row 1's 4th token changes.
+    banned = GEN(model, params, tokens, lengths, max_new_tokens=MAX_NEW, rng=jax.random.key(0),
+                 temperature=0.0, page_size=4, eos_token_id=(eos, 255), min_new_tokens=MAX_NEW)
+    assert banned.lengths.tolist() == [MAX_NEW] * 3
+    assert not np.isin(np.asarray(banned.tokens), [eos, 255]).any()
+    assert banned.tokens[1, :3].tolist() == full.tokens[1, :3].tolist()
+    assert float(banned.logprobs[1, 3]) < float(full.logprobs[1, 3])     # the runner-up
 
 
 def test_second_call_with_same_shapes_does_not_compile(random_model, backend_compiles):
