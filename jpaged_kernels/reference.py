@@ -4,6 +4,7 @@ Shape legend (used throughout jpaged):
   T tokens in the batch    B sequences        N query heads     K KV heads
   G query heads per KV head (N // K)          H head dim        P pages per sequence (block table width)
   S page size              L layers           C context positions (a multiple of S)
+  W windows (runs of up to Q new tokens of one sequence)       R query rows per KV head in a window
 
 Cache layout (DESIGN.md): one layer's pages are `[K, num_pages, S, H]`; the engine keeps all layers in
 one `[L, K, num_pages, S, H]` array and passes `layer=` so no per-layer copy of the cache is made.
@@ -13,13 +14,17 @@ entries point at; it is never read for a valid position because every read is ma
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 # Finite "minus infinity": fully masked rows (padding tokens) then give exp(...) == 0, never NaN.
 _MASK_VALUE = -1e30
-# Upper bound on elements of one gathered K (or V) chunk, [T, K, pages_per_chunk * S, H].
+# Upper bound on elements of one gathered K (or V) chunk [W, K, C, H] and of its scores [W, K, R, C].
 _CHUNK_ELEMENTS = 1 << 23
+# Largest window of new tokens of one sequence that attends as one matrix product (ragged path).
+_MAX_WINDOW = 128
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, layer=None,
@@ -36,8 +41,16 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=No
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
     block_tables, context_lens = jnp.asarray(block_tables), jnp.asarray(context_lens)
     _check_shapes(q, k_pages, block_tables, context_lens, None)
-    return _attend(q, k_pages, v_pages, layer, block_tables, context_lens - 1, context_lens > 0,
-                   scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k_pages.shape[1]
+    group = num_heads // num_kv_heads
+    # One window per sequence; its rows are the G query heads that share a KV head.
+    qw = q.reshape(num_seqs, num_kv_heads, group, head_dim)                         # [B, K, G, H]
+    row_pos = jnp.broadcast_to((context_lens - 1)[:, None], (num_seqs, group))      # [B, G]
+    row_valid = jnp.broadcast_to((context_lens > 0)[:, None], (num_seqs, group))    # [B, G]
+    out = _attend(qw, k_pages, v_pages, layer, block_tables, row_pos, row_valid, scale=scale,
+                  sliding_window=sliding_window, soft_cap=soft_cap)                 # [B, K, G, H]
+    return out.reshape(num_seqs, num_heads, head_dim).astype(q.dtype)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
@@ -49,6 +62,11 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     query_start_loc [B+1] (cumulative new-token counts). New token j of sequence i sits at position
     `context_lens[i] - q_len_i + j` and attends causally to positions <= its own. Tokens past
     `query_start_loc[B]` are padding: their output is 0. Returns [T, N, H] in q's dtype.
+
+    NOTE: windows. Each sequence's new tokens are cut into windows of Q consecutive tokens (Q static,
+    _window_size); a window gathers its sequence's pages once and attends with matrix products
+    [Q*G, H] x [H, C]. So K/V traffic grows with windows x context (about T/Q + B windows), not
+    with tokens x context as a per-token gather would.
     """
     del interpret
     if layer is None:
@@ -56,58 +74,102 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     block_tables, context_lens, query_start_loc = map(jnp.asarray, (block_tables, context_lens,
                                                                     query_start_loc))
     _check_shapes(q, k_pages, block_tables, context_lens, query_start_loc)
-    num_tokens, num_seqs = q.shape[0], block_tables.shape[0]
-    token = jnp.arange(num_tokens, dtype=jnp.int32)                                   # [T]
-    seq = jnp.clip(jnp.searchsorted(query_start_loc, token, side="right", method="compare_all") - 1,
-                   0, num_seqs - 1)
-    q_lens = query_start_loc[1:] - query_start_loc[:-1]                               # [B]
-    position = context_lens[seq] - q_lens[seq] + token - query_start_loc[seq]         # [T]
-    valid = token < query_start_loc[num_seqs]                                         # [T]
-    return _attend(q, k_pages, v_pages, layer, block_tables[seq], position, valid,
-                   scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
-
-
-def _attend(q, k_pages, v_pages, layer, token_tables, position, valid, *, scale, sliding_window,
-            soft_cap):
-    """Each token t attends to logical positions <= position[t] of the pages in token_tables[t].
-
-    q [T, N, H]; pages [L, K, num_pages, S, H]; token_tables [T, P]; position, valid [T].
-    Online softmax over chunks of pages, so the gathered K/V never exceed _CHUNK_ELEMENTS.
-    """
     num_tokens, num_heads, head_dim = q.shape
-    _, num_kv_heads, _, page_size, _ = k_pages.shape
-    pages_per_seq = token_tables.shape[1]
+    num_seqs, num_kv_heads = block_tables.shape[0], k_pages.shape[1]
     group = num_heads // num_kv_heads
-    scale = head_dim ** -0.5 if scale is None else scale
-    qg = q.astype(jnp.float32).reshape(num_tokens, num_kv_heads, group, head_dim) * scale
+    win = _windows(num_tokens, num_seqs, context_lens, query_start_loc)
+    q_win = q[win.row_token]                                                        # [W, Q, N, H]
+    num_win, rows = win.row_token.shape
+    qw = q_win.reshape(num_win, rows, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
+    qw = qw.reshape(num_win, num_kv_heads, rows * group, head_dim)                  # [W, K, Q*G, H]
+    out = _attend(qw, k_pages, v_pages, layer, block_tables[win.seq],
+                  jnp.repeat(win.row_pos, group, axis=1), jnp.repeat(win.row_valid, group, axis=1),
+                  scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    out = out.reshape(num_win, num_kv_heads, rows, group, head_dim).transpose(0, 2, 1, 3, 4)
+    out = out.reshape(num_win * rows, num_heads, head_dim)                          # [W*Q, N, H]
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    valid = token < query_start_loc[num_seqs]                                       # [T]
+    return jnp.where(valid[:, None, None], out[win.token_row], 0).astype(q.dtype)
 
-    pages_per_chunk = _pages_per_chunk(num_tokens, num_kv_heads, page_size, head_dim, pages_per_seq)
+
+class _Windows(NamedTuple):
+    seq: jax.Array        # [W] sequence of each window (padding windows: any, all rows invalid)
+    row_token: jax.Array  # [W, Q] token index of each row (clipped into [0, T))
+    row_pos: jax.Array    # [W, Q] position of each row's token in its sequence
+    row_valid: jax.Array  # [W, Q] the row is a real new token
+    token_row: jax.Array  # [T] flat row (window * Q + row) holding each token's output
+
+
+def _windows(num_tokens, num_seqs, context_lens, query_start_loc) -> _Windows:
+    """Cut each sequence's new tokens into windows of Q tokens (static shapes: W = ceil(T/Q) + B)."""
+    size = _window_size(num_tokens, num_seqs)
+    num_win = -(-num_tokens // size) + num_seqs
+    q_lens = query_start_loc[1:] - query_start_loc[:-1]                             # [B]
+    per_seq = (q_lens + size - 1) // size                                           # [B]
+    win_end = jnp.cumsum(per_seq)
+    win_start = win_end - per_seq                                                   # [B]
+    w = jnp.arange(num_win, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.searchsorted(win_end, w, side="right", method="compare_all"),
+                      num_seqs - 1).astype(jnp.int32)                               # [W]
+    offset = (w - win_start[seq])[:, None] * size + jnp.arange(size, dtype=jnp.int32)  # [W, Q]
+    row_valid = (offset < q_lens[seq][:, None]) & (w < win_end[-1])[:, None]
+    row_token = jnp.clip(query_start_loc[seq][:, None] + offset, 0, num_tokens - 1)
+    row_pos = context_lens[seq][:, None] - q_lens[seq][:, None] + offset
+    token = jnp.arange(num_tokens, dtype=jnp.int32)
+    tok_seq = jnp.clip(jnp.searchsorted(query_start_loc, token, side="right",
+                                        method="compare_all") - 1, 0, num_seqs - 1)
+    j = token - query_start_loc[tok_seq]
+    token_row = jnp.clip((win_start[tok_seq] + j // size) * size + j % size, 0, num_win * size - 1)
+    return _Windows(seq, row_token, row_pos, row_valid, token_row)
+
+
+def _window_size(num_tokens, num_seqs) -> int:
+    """Q: a power of two near the mean new tokens per sequence, in [1, _MAX_WINDOW] (static)."""
+    mean = max(1, num_tokens // max(1, num_seqs))
+    return min(_MAX_WINDOW, 1 << (mean - 1).bit_length())
+
+
+def _attend(qw, k_pages, v_pages, layer, tables, row_pos, row_valid, *, scale, sliding_window,
+            soft_cap):
+    """Each window w attends, row by row, to positions <= row_pos[w, r] of the pages in tables[w].
+
+    qw [W, K, R, H] (R query rows per KV head); pages [L, K, num_pages, S, H]; tables [W, P];
+    row_pos, row_valid [W, R]. Returns [W, K, R, H] float32 (invalid rows: 0). Online softmax over
+    chunks of pages, so neither the gathered K/V nor the scores exceed _CHUNK_ELEMENTS.
+    """
+    num_win, num_kv_heads, rows, head_dim = qw.shape
+    page_size = k_pages.shape[3]
+    pages_per_seq = tables.shape[1]
+    scale = head_dim ** -0.5 if scale is None else scale
+    qw = qw.astype(jnp.float32) * scale
+    pages_per_chunk = _pages_per_chunk(num_win * num_kv_heads * page_size * max(head_dim, rows),
+                                       pages_per_seq)
     chunk_len = pages_per_chunk * page_size
 
     def scores(chunk):
-        """Masked scores of every token against one chunk of its pages, and that chunk's V."""
-        pages = jax.lax.dynamic_slice_in_dim(token_tables, chunk * pages_per_chunk,
-                                             pages_per_chunk, axis=1)                # [T, ppc]
-        k = _gather_pages(k_pages, layer, pages)                                   # [T, K, C, H]
-        s = jnp.einsum("TKGH,TKCH->TKGC", qg, k.astype(jnp.float32))
+        """Masked scores of every row against one chunk of its window's pages, and that chunk's V."""
+        pages = jax.lax.dynamic_slice_in_dim(tables, chunk * pages_per_chunk, pages_per_chunk,
+                                             axis=1)                                 # [W, ppc]
+        k = _gather_pages(k_pages, layer, pages)                                   # [W, K, C, H]
+        s = jnp.einsum("WKRH,WKCH->WKRC", qw, k.astype(jnp.float32))
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         kv_pos = chunk * chunk_len + jnp.arange(chunk_len, dtype=jnp.int32)        # [C]
-        mask = (kv_pos[None, :] <= position[:, None]) & valid[:, None]            # [T, C]
+        mask = (kv_pos[None, None, :] <= row_pos[:, :, None]) & row_valid[:, :, None]  # [W, R, C]
         if sliding_window is not None:
-            mask &= kv_pos[None, :] > position[:, None] - sliding_window
-        mask = mask[:, None, None, :]
+            mask &= kv_pos[None, None, :] > row_pos[:, :, None] - sliding_window
+        mask = mask[:, None]
         return jnp.where(mask, s, _MASK_VALUE), _gather_pages(v_pages, layer, pages), mask
 
     def attend_chunk(carry, chunk):
         """Online softmax: fold one chunk into the running max m, sum l and output acc."""
-        m, l, acc = carry                                # [T, K, G], [T, K, G], [T, K, G, H]
+        m, l, acc = carry                                # [W, K, R], [W, K, R], [W, K, R, H]
         s, v, mask = scores(chunk)
         m_new = jnp.maximum(m, s.max(axis=-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         l = l * correction + p.sum(axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("TKGC,TKCH->TKGH", p, v.astype(jnp.float32))
+        acc = acc * correction[..., None] + jnp.einsum("WKRC,WKCH->WKRH", p, v.astype(jnp.float32))
         return (m_new, l, acc), None
 
     num_chunks = pages_per_seq // pages_per_chunk
@@ -115,14 +177,13 @@ def _attend(q, k_pages, v_pages, layer, token_tables, position, valid, *, scale,
         s, v, mask = scores(0)
         p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
         l = p.sum(axis=-1)
-        acc = jnp.einsum("TKGC,TKCH->TKGH", p, v.astype(jnp.float32))
+        acc = jnp.einsum("WKRC,WKCH->WKRH", p, v.astype(jnp.float32))
     else:
-        init = (jnp.full((num_tokens, num_kv_heads, group), _MASK_VALUE, jnp.float32),
-                jnp.zeros((num_tokens, num_kv_heads, group), jnp.float32),
-                jnp.zeros((num_tokens, num_kv_heads, group, head_dim), jnp.float32))
+        init = (jnp.full((num_win, num_kv_heads, rows), _MASK_VALUE, jnp.float32),
+                jnp.zeros((num_win, num_kv_heads, rows), jnp.float32),
+                jnp.zeros((num_win, num_kv_heads, rows, head_dim), jnp.float32))
         (_, l, acc), _ = jax.lax.scan(attend_chunk, init, jnp.arange(num_chunks))
-    out = acc / jnp.maximum(l, 1e-30)[..., None]
-    return out.reshape(num_tokens, num_heads, head_dim).astype(q.dtype)
+    return acc / jnp.maximum(l, 1e-30)[..., None]
 
 
 def write_kv(k_cache, v_cache, k, v, slot_mapping, *, layer=None):
@@ -142,21 +203,21 @@ def write_kv(k_cache, v_cache, k, v, slot_mapping, *, layer=None):
 
 
 def _gather_pages(pages, layer, page_ids):
-    """pages [L, K, num_pages, S, H], page_ids [T, ppc] -> [T, K, ppc * S, H] in one gather.
+    """pages [L, K, num_pages, S, H], page_ids [W, ppc] -> [W, K, ppc * S, H] in one gather.
 
-    All indices are advanced and adjacent, so the gather lands directly in [T, K, ppc, S, H]: the
-    einsums that follow then have their batch dims (T, K) leading and need no transpose copy.
+    All indices are advanced and adjacent, so the gather lands directly in [W, K, ppc, S, H]: the
+    einsums that follow then have their batch dims (W, K) leading and need no transpose copy.
     """
     num_kv_heads = pages.shape[1]
     kv_head = jnp.arange(num_kv_heads, dtype=jnp.int32)[None, :, None]               # [1, K, 1]
-    g = pages[layer, kv_head, page_ids[:, None, :]]                                    # [T, K, ppc, S, H]
+    g = pages[layer, kv_head, page_ids[:, None, :]]                                    # [W, K, ppc, S, H]
     t, k, ppc, s, h = g.shape
     return g.reshape(t, k, ppc * s, h)
 
 
-def _pages_per_chunk(num_tokens, num_kv_heads, page_size, head_dim, pages_per_seq):
-    """Largest divisor of P whose gathered chunk stays under _CHUNK_ELEMENTS (a static choice)."""
-    per_page = max(1, num_tokens * num_kv_heads * page_size * head_dim)
+def _pages_per_chunk(per_page, pages_per_seq):
+    """Largest divisor of P whose chunk (per_page elements per page) stays under _CHUNK_ELEMENTS."""
+    per_page = max(1, per_page)
     best = 1
     for d in range(1, pages_per_seq + 1):
         if pages_per_seq % d == 0 and d * per_page <= _CHUNK_ELEMENTS:
