@@ -48,18 +48,29 @@ jax.tree_util.register_dataclass(GenerateOutput, data_fields=["tokens", "logprob
                                  meta_fields=[])
 
 
-def load(path, dtype: str | None = None) -> tuple[CausalLM, dict, Any]:
+def load(path, dtype: str | None = None, mesh=None) -> tuple[CausalLM, dict, Any]:
     """(model, params, tokenizer) from a converted jpaged checkpoint, an HF directory or a `.gguf`.
 
     `model.config` is the ModelConfig, its `eos_token_ids` merged from config.json,
     generation_config.json and the tokenizer (the engine's set). dtype: None keeps the stored one
     (float32 for GGUF); "float32" | "bfloat16" | "float16" converts. The tokenizer may be None.
+    mesh: a 1-D `jax.sharding.Mesh` for tensor parallelism (jpaged/parallel.py): params come back
+    in their shards (a jpaged checkpoint is restored by Orbax straight into them), and the model's
+    attention runs per device under shard_map; its config then counts the KV heads as replicated
+    (num_kv_heads = mesh size when the mesh outnumbers them).
     """
     from jpaged.checkpoint.loader import load_checkpoint
 
-    checkpoint = load_checkpoint(path, dtype=dtype, progress=False)
+    checkpoint = load_checkpoint(path, dtype=dtype, progress=False, mesh=mesh)
     config = dataclasses.replace(checkpoint.config, eos_token_ids=tuple(checkpoint.eos_token_ids))
-    return CausalLM(config, jnp.dtype(checkpoint.dtype)), checkpoint.params, checkpoint.tokenizer
+    if mesh is None:
+        return CausalLM(config, jnp.dtype(checkpoint.dtype)), checkpoint.params, checkpoint.tokenizer
+    from jpaged.models.llama import reference_attention
+    from jpaged.parallel import TensorParallel
+    tp = TensorParallel.create(config, mesh=mesh)
+    model = CausalLM(tp.model_config, jnp.dtype(checkpoint.dtype),
+                     tp.wrap_attention(reference_attention()))
+    return model, tp.shard_params(checkpoint.params), checkpoint.tokenizer
 
 
 class _LoopState(NamedTuple):

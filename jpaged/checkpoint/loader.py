@@ -39,16 +39,22 @@ class LoadedCheckpoint:
     path: Path
 
 
-def load_checkpoint(path: str | Path, dtype: str | None = None, progress: bool = True) -> LoadedCheckpoint:
+def load_checkpoint(path: str | Path, dtype: str | None = None, progress: bool = True,
+                    mesh: jax.sharding.Mesh | None = None) -> LoadedCheckpoint:
     """Load PATH (a jpaged checkpoint dir, an HF model dir or a .gguf file) with params in `dtype`
-    (default: the dtype the checkpoint was stored in; float32 for GGUF)."""
+    (default: the dtype the checkpoint was stored in; float32 for GGUF).
+
+    `mesh` (1-D): params land in their tensor-parallel shards (jpaged/parallel.py), still in the
+    checkpoint's layout. A jpaged checkpoint is restored by Orbax straight into the shards (each
+    device reads only its slices); HF and GGUF sources are built on one device, then resharded.
+    """
     path = Path(path)
     if path.is_dir() and (path / JPAGED_CONFIG).is_file():
-        return _load_jpaged(path, dtype)
+        return _load_jpaged(path, dtype, mesh)
     if path.is_dir() and (path / "config.json").is_file():
-        return _load_converted(HFSource(path), dtype, progress)
+        return _placed(_load_converted(HFSource(path), dtype, progress), mesh)
     if path.is_file() and path.suffix == ".gguf":
-        return _load_gguf(path, dtype, progress)
+        return _placed(_load_gguf(path, dtype, progress), mesh)
     raise FileNotFoundError(
         f"cannot load {path}: expected a converted jpaged checkpoint directory (params/ + "
         f"{JPAGED_CONFIG}), an HF model directory (config.json + *.safetensors), or a .gguf file")
@@ -83,7 +89,16 @@ def _load_gguf(path: Path, dtype, progress: bool) -> LoadedCheckpoint:
     return loaded
 
 
-def _load_jpaged(path: Path, dtype) -> LoadedCheckpoint:
+def _placed(checkpoint: LoadedCheckpoint, mesh) -> LoadedCheckpoint:
+    if mesh is None:
+        return checkpoint
+    from jpaged.parallel import TensorParallel, place
+    shardings = TensorParallel.create(checkpoint.config, mesh=mesh).checkpoint_shardings(
+        checkpoint.params)
+    return dataclasses.replace(checkpoint, params=place(checkpoint.params, shardings))
+
+
+def _load_jpaged(path: Path, dtype, mesh=None) -> LoadedCheckpoint:
     import orbax.checkpoint as ocp
     params_dir = (path / "params").resolve()
     if not params_dir.is_dir():
@@ -92,9 +107,15 @@ def _load_jpaged(path: Path, dtype) -> LoadedCheckpoint:
     config = ModelConfig.from_json(path / JPAGED_CONFIG)
     checkpointer = ocp.StandardCheckpointer()
     dtype = resolve_dtype(dtype or _stored_dtype(checkpointer, params_dir))
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding),
-                          param_shapes(config))
+    shapes = param_shapes(config)
+    if mesh is None:
+        single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: single, shapes)
+    else:
+        from jpaged.parallel import TensorParallel
+        shardings = TensorParallel.create(config, mesh=mesh).checkpoint_shardings(shapes)
+    target = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding),
+                          shapes, shardings)
     params = checkpointer.restore(params_dir, target)   # Orbax casts to the target dtype on read
     tokenizer = load_tokenizer(path)
     return LoadedCheckpoint(config, params, dtype, tokenizer,

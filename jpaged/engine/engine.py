@@ -27,6 +27,8 @@ from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.engine.runner import ModelRunner
 from jpaged.engine.sampler import SamplerOutput
 from jpaged.models.llama import CausalLM, KVCache
+from jpaged.distributed import CallLog
+from jpaged.parallel import TensorParallel
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import (MAX_LOGPROBS, BeamSearchParams, RequestOutputKind,
                                     SamplingParams)
@@ -56,6 +58,8 @@ class EngineConfig:
     preemption_mode: str = "recompute"
     swap_space: float = 4.0
     seed: int = 0
+    # vLLM's name: shard weights and KV cache over a mesh of this many devices (jpaged/parallel.py)
+    tensor_parallel_size: int = 1
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -82,6 +86,9 @@ class LLMEngine:
         self.dtype = jnp.dtype(checkpoint.dtype)
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
+        if jax.process_count() > 1 and config.preemption_mode == "swap":
+            raise ValueError("preemption_mode='swap' needs the whole KV cache on one host; with "
+                             "several processes use preemption_mode='recompute'")
         if config.max_num_batched_tokens < config.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({config.max_num_batched_tokens}) must be >= "
                              f"max_num_seqs ({config.max_num_seqs})")
@@ -89,6 +96,12 @@ class LLMEngine:
         self.attention = select_attention(config.attention_backend, ProbeShape(
             mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype.name, config.page_size,
             mc.sliding_window))
+        # NOTE: tensor parallelism. The model may run with more KV heads than the checkpoint has
+        # (replicated, jpaged/parallel.py); self.model_config stays the checkpoint's.
+        self.parallel = TensorParallel.create(mc, config.tensor_parallel_size) \
+            if config.tensor_parallel_size > 1 else None
+        run_config = self.parallel.model_config if self.parallel else mc
+        self._run_config = run_config
         num_pages = self._choose_num_pages()
         capacity = (num_pages - 1) * config.page_size
         if self.max_model_len > capacity:
@@ -96,8 +109,10 @@ class LLMEngine:
                 f"max_model_len ({self.max_model_len}) is larger than the KV cache can hold "
                 f"({num_pages - 1} usable pages x {config.page_size} = {capacity} tokens); give more "
                 f"num_pages / memory, or lower max_model_len")
-        model = CausalLM(mc, self.dtype, self.attention.fns)
-        kv_cache = KVCache.zeros(mc, num_pages, config.page_size, self.dtype)
+        fns = self.parallel.wrap_attention(self.attention.fns) if self.parallel else self.attention.fns
+        model = CausalLM(run_config, self.dtype, fns)
+        params = self.parallel.shard_params(checkpoint.params) if self.parallel else checkpoint.params
+        kv_cache = self._zeros_cache(num_pages)
         page_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype)
         num_host_pages = int(config.swap_space * _GIB // page_bytes) \
             if config.preemption_mode == "swap" else 0
@@ -105,15 +120,19 @@ class LLMEngine:
                                           num_host_pages)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.preemption_mode)
-        self.runner = ModelRunner(model, checkpoint.params, kv_cache, max_num_seqs=config.max_num_seqs,
+        self.runner = ModelRunner(model, params, kv_cache, max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, num_host_pages=num_host_pages)
+                                  max_model_len=self.max_model_len, num_host_pages=num_host_pages,
+                                  shardings=self.parallel.step_shardings(params)
+                                  if self.parallel else None)
         self.output_processor = OutputProcessor(self.tokenizer, tuple(checkpoint.eos_token_ids),
                                                 self.max_model_len)
         # NOTE: threads. add_request and abort_request may be called from any thread (a server's
         # event loop) while another runs step(): they validate and register under a small lock
         # and leave the scheduler's queues to step(), which drains the inbox first.
         self.requests: dict[str, RequestState] = {}
+        self.call_log = CallLog() if jax.process_count() > 1 else None
+        self.stopped = False                   # a follower's run_follower returns once set
         self._lock = threading.Lock()
         self._inbox: collections.deque[tuple[str, RequestState | str]] = collections.deque()
         self._seqs: dict[int, Sequence] = {}       # seq id -> live sequence (step thread only)
@@ -122,7 +141,7 @@ class LLMEngine:
         self.last_scheduled = None             # the SchedulerOutput of the latest step
         self.step_seconds = 0.0
         self.peak_pages_used = 0
-        kv_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype) * num_pages
+        kv_bytes = KVCache.bytes_per_page(run_config, config.page_size, self.dtype) * num_pages
         logger.info("KV cache: %d pages x %d tokens (%d tokens, %.2f GiB %s) on %s; max_model_len=%d, "
                     "max_num_seqs=%d, max_num_batched_tokens=%d, prefix caching %s", num_pages,
                     config.page_size, capacity, kv_bytes / _GIB, self.dtype.name,
@@ -153,6 +172,9 @@ class LLMEngine:
                          max_tokens) for i in range(params.n)]
         seqs[0].pending_forks = seqs[1:]       # forked off sample 0 when its prompt is computed
         self._register(self.output_processor.new_request(request_id, text, token_ids, params, seqs))
+        if self.call_log is not None:          # replayed by the other processes, same seed
+            self.call_log.record(("add", request_id, {"prompt": text, "prompt_token_ids": token_ids},
+                                  dataclasses.replace(params, seed=base_seed)))
 
     def add_beam_request(self, request_id: str, prompt: str | dict | list[int],
                          params: BeamSearchParams) -> None:
@@ -181,6 +203,9 @@ class LLMEngine:
         state = self.output_processor.new_request(request_id, text, token_ids, sampling, [first])
         state.beam = BeamRequest(search, first)
         self._register(state)
+        if self.call_log is not None:
+            self.call_log.record(("beam", request_id, {"prompt": text, "prompt_token_ids": token_ids},
+                                  params))
 
     def _register(self, state: RequestState) -> None:
         with self._lock:
@@ -194,6 +219,8 @@ class LLMEngine:
         """Drop a request wherever it is and free its pages (at the start of the next step when
         called while a step runs). Unknown or finished ids are ignored."""
         self._inbox.append(("abort", request_id))
+        if self.call_log is not None:
+            self.call_log.record(("abort", request_id))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_unfinished()
@@ -220,10 +247,38 @@ class LLMEngine:
         start = time.perf_counter()
         try:
             self.last_scheduled = None
+            if self.call_log is not None:
+                self._replay(self.call_log.exchange())
             self._drain_inbox()
             return self._step()
         finally:
             self.step_seconds += time.perf_counter() - start
+
+    # ---- multi-process (jpaged/distributed.py) ---------------------------------------------
+    def _replay(self, calls: list[tuple]) -> None:
+        """Process 0's calls since the last step; on process 0 itself they already happened."""
+        if self.call_log.is_leader:
+            return
+        for call in calls:
+            if call[0] == "add":
+                self.add_request(*call[1:])
+            elif call[0] == "beam":
+                self.add_beam_request(*call[1:])
+            elif call[0] == "abort":
+                self.abort_request(call[1])
+            elif call[0] == "stop":
+                self.stopped = True
+
+    def run_follower(self) -> None:
+        """On a process other than 0: step in lockstep with process 0 until it stops us."""
+        while not self.stopped:
+            self.step()
+
+    def stop_followers(self) -> None:
+        """On process 0: end the other processes' run_follower (one last, empty-handed step)."""
+        if self.call_log is not None and self.call_log.is_leader:
+            self.call_log.record(("stop",))
+            self.step()
 
     def _drain_inbox(self) -> None:
         while self._inbox:
@@ -256,7 +311,7 @@ class LLMEngine:
         self._drain_inbox()
         if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.runner.kv_cache)):
             mc, bm = self.model_config, self.block_manager
-            self.runner.kv_cache = KVCache.zeros(mc, bm.num_pages, self.config.page_size, self.dtype)
+            self.runner.kv_cache = self._zeros_cache(bm.num_pages)
             preempted = self.scheduler.preempt_all_running()
             bm.reset_prefix_cache()
             logger.warning("the failed step consumed the KV cache: rebuilt it, preempted %d running "
@@ -370,11 +425,18 @@ class LLMEngine:
         if bad:
             raise ValueError(f"Token id {bad[0]} is out of vocabulary (vocab size {vocab})")
 
+    def _zeros_cache(self, num_pages: int) -> KVCache:
+        if self.parallel:
+            return self.parallel.zeros_cache(num_pages, self.config.page_size, self.dtype)
+        return KVCache.zeros(self.model_config, num_pages, self.config.page_size, self.dtype)
+
     def _choose_num_pages(self) -> int:
-        cfg, mc = self.config, self.model_config
+        cfg = self.config
         if cfg.num_pages is not None:
             return cfg.num_pages
-        per_page = KVCache.bytes_per_page(mc, cfg.page_size, self.dtype)
+        # per device: with tensor parallelism each device holds K'/N heads of every page
+        per_page = KVCache.bytes_per_page(self._run_config, cfg.page_size, self.dtype) // \
+            cfg.tensor_parallel_size
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" in stats:
             budget = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0)

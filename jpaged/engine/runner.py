@@ -66,7 +66,10 @@ def _pick(buckets: list[int], n: int) -> int:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, params, kv_cache: KVCache, *, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, num_host_pages: int = 0):
+                 max_num_batched_tokens: int, max_model_len: int, num_host_pages: int = 0,
+                 shardings: tuple | None = None):
+        """`shardings`: (in_shardings, out_shardings) of the step under tensor parallelism
+        (TensorParallel.step_shardings), so the donated cache keeps its sharding step after step."""
         self.model = model
         self.params = params
         self.kv_cache = kv_cache
@@ -81,7 +84,9 @@ class ModelRunner:
         # padding only costs LM-head rows).
         self.page_buckets = geometric_buckets(1, max_pages, per_octave=4)
         self._steps: dict[StepKey, jax.stages.Compiled] = {}
-        self._jit_step = jax.jit(functools.partial(step, model), donate_argnames=("kv_cache",))
+        placement = dict(zip(("in_shardings", "out_shardings"), shardings or ()))
+        self._jit_step = jax.jit(functools.partial(step, model), donate_argnames=("kv_cache",),
+                                 **placement)
         self.pages = PageMover(kv_cache, num_host_pages)
         self._jit_sample = jax.jit(self._sample_traced, static_argnames=("flags",))
         self.num_step_compilations = 0
@@ -105,7 +110,8 @@ class ModelRunner:
         tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, tensors, flags=flags)
         n = len(out.scheduled)
         waiting = time.perf_counter()
-        rows = [None if x is None else np.asarray(x)[:n] for x in (tokens, logprobs, top_ids, top_lp)]
+        rows = [None if x is None else np.asarray(_local(x))[:n]
+                for x in (tokens, logprobs, top_ids, top_lp)]
         self.device_wait_seconds += time.perf_counter() - waiting
         return SamplerOutput(*rows)
 
@@ -173,6 +179,11 @@ class ModelRunner:
     def _sample_traced(self, logits, tensors: SamplingTensors, *, flags: SamplerFlags):
         self.num_sampler_compilations += 1  # runs once per trace, i.e. per compiled variant
         return sample(logits, tensors, flags=flags)
+
+
+def _local(x: jax.Array) -> jax.Array:
+    """A replicated result that spans several processes (jax.distributed): this process's copy."""
+    return x if x.is_fully_addressable else x.addressable_data(0)
 
 
 def _same_layout(path: str, old: jax.Array, leaf) -> jax.Array:

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-model-len", type=int, default=2048)
     gen.add_argument("--attention-backend", default=None,
                      choices=["auto", "reference", "triton", "mosaic"])
+    gen.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     gen.add_argument("--quiet", action="store_true", help="only print the summary")
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (and vLLM's /generate)")
     from jpaged.entrypoints.openai.run import add_serve_arguments
@@ -74,7 +75,8 @@ def _generate(args) -> int:
     from jpaged import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
-              max_model_len=args.max_model_len, attention_backend=args.attention_backend)
+              max_model_len=args.max_model_len, attention_backend=args.attention_backend,
+              tensor_parallel_size=args.tensor_parallel_size)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
     questions = args.prompt or DEFAULT_QUESTIONS

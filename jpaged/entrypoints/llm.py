@@ -25,11 +25,22 @@ class LLM:
     max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, attention_backend, seed, ...).
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", **engine_kwargs):
+    def __init__(self, model: str | None = None, *, dtype: str = "auto",
+                 coordinator_address: str | None = None, num_processes: int | None = None,
+                 process_id: int | None = None, **engine_kwargs):
+        """coordinator_address ("HOST:PORT"), num_processes, process_id: run one SPMD engine over
+        several processes with jax.distributed (jpaged/distributed.py); process 0 takes the
+        requests, the others call `llm.llm_engine.run_follower()`."""
         from jpaged.checkpoint.loader import default_model_path, load_checkpoint
+        from jpaged.parallel import make_mesh
 
         _check_engine_kwargs(engine_kwargs)
-        checkpoint = load_checkpoint(model or default_model_path(), dtype=resolve_dtype(dtype))
+        if coordinator_address is not None:
+            from jpaged.distributed import initialize
+            initialize(coordinator_address, num_processes, process_id)
+        tp = engine_kwargs.get("tensor_parallel_size", 1)   # load straight into the shards
+        checkpoint = load_checkpoint(model or default_model_path(), dtype=resolve_dtype(dtype),
+                                     mesh=make_mesh(tp) if tp > 1 else None)
         self.llm_engine = LLMEngine(checkpoint, EngineConfig(**engine_kwargs))
         self._ids = itertools.count()
 

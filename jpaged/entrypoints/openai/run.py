@@ -42,6 +42,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compilation-cache-dir", default=None,
                         help="JAX's persistent compilation cache ('off' to disable)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                        help="shard the model over this many devices (jpaged/parallel.py)")
     parser.add_argument("--max-waiting-requests", type=int, default=256,
                         help="requests that may wait for the batch; past that: 503")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
@@ -66,7 +68,8 @@ def run_server(args: argparse.Namespace) -> int:
               max_num_batched_tokens=args.max_num_batched_tokens,
               attention_backend=args.attention_backend,
               enable_prefix_caching=args.enable_prefix_caching,
-              compilation_cache_dir=args.compilation_cache_dir, seed=args.seed)
+              compilation_cache_dir=args.compilation_cache_dir, seed=args.seed,
+              tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.llm_engine
     if args.warmup == "full":
         warm_up(engine)

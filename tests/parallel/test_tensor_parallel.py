@@ -1,0 +1,191 @@
+"""Tensor parallelism on a virtual 8-device CPU mesh: tokens equal across mesh sizes, each device
+holding 1/N of the sharded weights and KV pages, one all-reduce after attention and one after the
+MLP, and clear errors for head counts N cannot split.
+
+The multi-device runs happen in subprocesses (tp_script.py beside this file): the device count must
+be forced before jax is imported, and this pytest process keeps its single device.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jpaged.config import ModelConfig
+from jpaged.parallel import kv_replicas, param_specs, shard_shape
+from jpaged.checkpoint.params import param_shapes
+
+SCRIPT = Path(__file__).with_name("tp_script.py")
+CAPACITY = Path(__file__).resolve().parents[2] / "benchmarks" / "capacity.py"
+RANDOM_LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=128,
+                    intermediate_size=256, num_hidden_layers=2, num_attention_heads=32,
+                    num_key_value_heads=8, head_dim=8, rms_norm_eps=1e-5,
+                    max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=1)
+
+
+def paper_capacity(tmp_path, overrides: dict, devices: int) -> dict:
+    """benchmarks/capacity.py --json for the random Llama's config (float32, pages of 4)."""
+    spec = importlib.util.spec_from_file_location("capacity", CAPACITY)
+    capacity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(capacity)
+    path = tmp_path / f"config_{devices}.json"
+    path.write_text(json.dumps({**RANDOM_LLAMA, **overrides}))
+    config = capacity.load_config(str(path))
+    return capacity.capacity(config, devices, "float32", memory_gib=1.0, page_size=4)
+
+
+def assert_capacity_matches_engine(paper: dict, engine: dict) -> None:
+    """The paper figures equal what device 0 of the engine's mesh really holds."""
+    assert paper["weight_bytes_per_device"] == engine["param_bytes_device0"]
+    assert paper["kv_bytes_per_page_per_device"] == engine["kv_page_bytes_device0"]
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [200, 3]]
+
+
+def run_mesh(job: dict, timeout: int = 900) -> dict:
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               JAX_PLATFORMS="cpu", JPAGED_COMPILATION_CACHE_DIR="off", JPAGED_MODEL_CACHE_DIR="off")
+    proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps(job)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    return {int(k): v for k, v in json.loads(lines[-1][len("RESULT "):]).items()}
+
+
+def assert_sharded(result: dict, size: int, sharded_axis: dict[str, int | None]) -> None:
+    """Each device holds exactly 1/size of every sharded leaf along its axis, and all of the rest."""
+    for name, axis in sharded_axis.items():
+        full, shards = result["shapes"][name], result["shards"][name]
+        want = [d // size if i == axis else d for i, d in enumerate(full)]
+        assert shards == [want] * size, (name, size, shards)
+
+
+def test_kv_replicas_follow_vllms_rule_and_bad_sizes_name_both_numbers():
+    assert kv_replicas(32, 8, 4) == 1 and kv_replicas(32, 8, 8) == 1
+    assert kv_replicas(9, 3, 3) == 1
+    assert kv_replicas(8, 2, 4) == 2 and kv_replicas(9, 3, 9) == 3     # N > K: replicate
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=3 does not divide the model's 32 "
+                                         r"query heads.*divisor of 32: \[1, 2, 4, 8, 16, 32\]"):
+        kv_replicas(32, 8, 3)
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=6 neither divides the model's 4 KV "
+                                         r"heads.*nor is a multiple"):
+        kv_replicas(12, 4, 6)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1, got 0"):
+        kv_replicas(8, 8, 0)
+
+
+def test_param_specs_are_megatron_style():
+    config = ModelConfig("llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                         num_heads=4, num_kv_heads=2, head_dim=8)
+    shapes = param_shapes(config)
+    specs = param_specs(shapes, config, 2)
+    per_device = {path: shard_shape(tuple(shapes_leaf.shape), spec, 2) for path, shapes_leaf, spec in [
+        ("wq", shapes["layers"]["attn"]["wq"], specs["layers"]["attn"]["wq"]),
+        ("wo", shapes["layers"]["attn"]["wo"], specs["layers"]["attn"]["wo"]),
+        ("w_up", shapes["layers"]["mlp"]["w_up"], specs["layers"]["mlp"]["w_up"]),
+        ("w_down", shapes["layers"]["mlp"]["w_down"], specs["layers"]["mlp"]["w_down"]),
+        ("embedding", shapes["embed"]["embedding"], specs["embed"]["embedding"]),
+        ("lm_head", shapes["lm_head"], specs["lm_head"]),
+        ("norm", shapes["norm"]["scale"], specs["norm"]["scale"])]}
+    assert per_device == {"wq": (2, 32, 2, 8), "wo": (2, 2, 8, 32), "w_up": (2, 32, 24),
+                          "w_down": (2, 24, 32), "embedding": (32, 32), "lm_head": (32, 32),
+                          "norm": (32,)}
+    odd = ModelConfig("llama", vocab_size=63, hidden_size=32, intermediate_size=48, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8)
+    assert tuple(param_specs(param_shapes(odd), odd, 2)["embed"]["embedding"]) == (None, None)
+
+
+def test_random_llama_32q_8kv_same_greedy_tokens_for_tp_1_2_4_8(tmp_path):
+    result = run_mesh({"model": "random", "sizes": [1, 2, 4, 8, 3], "prompts": PROMPTS,
+                       "max_tokens": 6})
+    base = result[1]
+    for size in (2, 4, 8):
+        got = result[size]
+        assert got["tokens"] == base["tokens"], size
+        np.testing.assert_allclose(got["logprobs"], base["logprobs"], atol=1e-4)
+        assert_sharded(got, size, {"wq": 2, "wk": 2, "wo": 1, "w_gate": 2, "w_down": 1, "embed": 0,
+                                   "kv_cache_k": 1})
+        # XLA inserts exactly: the vocab-sharded embedding lookup's sum, one all-reduce after
+        # attention's output projection, one after the MLP (both [T, D]), the logits' all-gather.
+        decode = got["collectives"]["decode"]
+        assert [c.split()[0] for c in decode].count("all-reduce") == 3, decode
+        assert [c.split()[0] for c in decode].count("all-gather") == 1, decode
+        assert_capacity_matches_engine(paper_capacity(tmp_path, {}, size), got)
+    assert_sharded(base, 1, {"wq": None, "kv_cache_k": None})
+    assert result[3] == {"error": "tensor_parallel_size=3 does not divide the model's 32 query heads "
+                                  "(num_attention_heads); choose a divisor of 32: "
+                                  "[1, 2, 4, 8, 16, 32]"}
+
+
+def test_kv_heads_are_replicated_when_tp_exceeds_them(tmp_path):
+    # 8 query heads, 2 KV heads on 4 devices: each KV head twice, one per device with its 2 queries.
+    result = run_mesh({"model": "random", "sizes": [1, 4], "prompts": PROMPTS[:2], "max_tokens": 5,
+                       "config": {"num_attention_heads": 8, "num_key_value_heads": 2,
+                                  "head_dim": 16}})
+    assert result[4]["tokens"] == result[1]["tokens"]
+    np.testing.assert_allclose(result[4]["logprobs"], result[1]["logprobs"], atol=1e-4)
+    assert result[1]["shapes"]["kv_cache_k"][1] == 2 and result[4]["shapes"]["kv_cache_k"][1] == 4
+    assert result[4]["shards"]["wk"] == [[2, 128, 1, 16]] * 4
+    assert result[4]["shards"]["kv_cache_k"] == [[2, 1, 64, 4, 16]] * 4
+    overrides = {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16}
+    paper = paper_capacity(tmp_path, overrides, 4)
+    assert paper["kv_head_replicas"] == 2 and paper["kv_heads_per_device"] == 1
+    assert_capacity_matches_engine(paper, result[4])
+
+
+def test_smollm2_tp3_equals_tp1(smollm2_path):
+    # 9 query heads and 3 KV heads: 3 query heads and 1 KV head per device.
+    result = run_mesh({"model": str(smollm2_path), "sizes": [1, 3], "max_tokens": 8,
+                       "prompts": [[1, 504, 3458, 282, 4649, 314], [1, 9690, 198, 2683]]})
+    assert result[3]["tokens"] == result[1]["tokens"]
+    np.testing.assert_allclose(result[3]["logprobs"], result[1]["logprobs"], atol=1e-4)
+    assert result[3]["shards"]["kv_cache_k"] == [[30, 1, 64, 4, 64]] * 3
+    assert_sharded(result[3], 3, {"wq": 2, "wk": 2, "wo": 1, "w_gate": 2, "w_down": 1, "embed": 0})
+
+
+def test_capacity_of_llama_3_70b_on_8_h100s_from_its_config():
+    result = subprocess.run([sys.executable, str(CAPACITY), str(CAPACITY.parent / "configs" /
+                             "llama-3-70b.json"), "--devices", "8", "--dtype", "bfloat16",
+                             "--memory-gib", "80", "--json"], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    c = json.loads(result.stdout)
+    assert c["params"] == 70_553_706_496
+    assert c["weight_bytes_per_device"] * 8 == pytest.approx(c["weight_bytes_total"], rel=1e-3)
+    assert c["kv_bytes_per_token_per_device"] == 2 * 80 * 1 * 128 * 2      # 1 of 8 KV heads
+    assert c["tokens_that_fit"] == c["pages_that_fit"] * 16
+    assert c["tokens_that_fit"] * c["kv_bytes_per_token_per_device"] <= \
+        80 * 2**30 * 0.9 - c["weight_bytes_per_device"]
+    bad = subprocess.run([sys.executable, str(CAPACITY), str(CAPACITY.parent / "configs" /
+                          "llama-3-70b.json"), "--devices", "3"], capture_output=True, text=True,
+                         timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert bad.returncode == 2
+    assert "tensor_parallel_size=3 does not divide the model's 64 query heads" in bad.stderr
+
+
+def test_load_with_mesh_restores_into_shards_and_generate_gives_the_same_tokens(tiny_llama_dir,
+                                                                               tmp_path):
+    # tiny Llama: 4 query heads, 2 KV heads, on 4 devices: each KV head replicated twice.
+    from jpaged.checkpoint.convert import convert
+    out = convert(tiny_llama_dir, tmp_path / "ckpt", dtype="float32", progress=False)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", JPAGED_COMPILATION_CACHE_DIR="off")
+    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("load_script.py")), str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["sharded"] == r["plain"]
+    assert r["logprob_err"] < 1e-4
+    # Orbax restored each device's quarter of wq; wk (to be replicated) whole, then sliced.
+    assert r["restored_wq"] == [[2, 64, 1, 16]] * 4
+    assert r["restored_wq_spec"] == "PartitionSpec(None, None, 'tp', None)"
+    assert r["restored_wk_spec"] == "PartitionSpec()"
+    assert r["wq"] == [[2, 64, 1, 16]] * 4 and r["wk"] == [[2, 64, 1, 16]] * 4
+    assert r["num_kv_heads"] == 4
