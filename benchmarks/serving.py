@@ -125,8 +125,11 @@ def start_server(backend: str, args, log_path: Path) -> tuple[subprocess.Popen, 
         from benchmarks.vllm_cpu import VENV, hf_model_dir
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
         env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
-        argv = [str(VENV / "bin" / "vllm"), "serve", str(hf_model_dir(default_model_path())),
-                "--host", "127.0.0.1", *common]
+        # NOTE: `vllm serve` looks up the distribution "vllm", but the CPU build installs as
+        # "vllm-cpu"; its OpenAI server module is the same server without that lookup.
+        argv = [str(VENV / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
+                "--model", str(hf_model_dir(default_model_path())), "--host", "127.0.0.1",
+                *common]
     start = time.perf_counter()
     log = open(log_path, "w")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
