@@ -23,7 +23,9 @@ recompute; process 0's tokenizer must match the others' (the same MODEL everywhe
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import sys
 import threading
 
 import jax
@@ -83,8 +85,17 @@ class CallLog:
         return pickle.loads(buffer[:size].tobytes())
 
 
+def exit_on_peer_failure(exc: BaseException) -> None:
+    """Print why and leave at once: `os._exit`, because the normal exit would first wait in
+    jax.distributed's shutdown barrier for the peer that is gone."""
+    print(peer_failure_message(exc), file=sys.stderr, flush=True)
+    logging.shutdown()
+    os._exit(1)
+
+
 def peer_failure_message(exc: BaseException) -> str:
-    return (f"jpaged: process {jax.process_index()} of {jax.process_count()}: a collective with "
-            f"the other processes failed, so a peer process has died or is unreachable "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
-            f"exiting (restart every process to recover)")
+    detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return (f"jpaged: process {jax.process_index()} of {jax.process_count()}: a step of the "
+            f"multi-process engine failed, most likely a collective with a peer process that has "
+            f"died or is unreachable ({type(exc).__name__}: {detail}); exiting (restart every "
+            f"process to recover)")

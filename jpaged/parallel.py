@@ -64,10 +64,10 @@ def kv_replicas(num_heads: int, num_kv_heads: int, tensor_parallel_size: int) ->
     if num_kv_heads % n == 0:
         return 1
     if n % num_kv_heads:
+        fits = [d for d in _divisors(num_heads) if d % num_kv_heads == 0 or num_kv_heads % d == 0]
         raise ValueError(f"tensor_parallel_size={n} neither divides the model's {num_kv_heads} KV "
                          f"heads (num_key_value_heads) nor is a multiple of them, so KV heads can "
-                         f"be neither split nor replicated evenly; choose one of "
-                         f"{[d for d in _divisors(num_heads) if d % num_kv_heads == 0 or num_kv_heads % d == 0]}")
+                         f"be neither split nor replicated evenly; choose one of {fits}")
     return n // num_kv_heads
 
 

@@ -27,7 +27,7 @@ from jpaged.engine.output_processor import OutputProcessor, RequestState
 from jpaged.engine.runner import ModelRunner
 from jpaged.engine.sampler import SamplerOutput
 from jpaged.models.llama import CausalLM, KVCache
-from jpaged.distributed import CallLog
+from jpaged.distributed import CallLog, exit_on_peer_failure
 from jpaged.parallel import TensorParallel
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import (MAX_LOGPROBS, BeamSearchParams, RequestOutputKind,
@@ -251,6 +251,12 @@ class LLMEngine:
                 self._replay(self.call_log.exchange())
             self._drain_inbox()
             return self._step()
+        except Exception as exc:
+            # NOTE: in a multi-process engine a failed step (a dead peer, above all) leaves the
+            # processes out of lockstep: every process exits with the reason, none waits forever.
+            if self.call_log is not None:
+                exit_on_peer_failure(exc)
+            raise
         finally:
             self.step_seconds += time.perf_counter() - start
 

@@ -220,6 +220,8 @@ class AsyncEngine:
                 self._publish_stats()
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()
+                if engine.call_log is not None:   # multi-process: an idle step keeps the other
+                    engine.step()                 # processes in lockstep (a heartbeat)
                 continue
             try:
                 outputs = engine.step()

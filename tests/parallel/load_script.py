@@ -32,8 +32,8 @@ print("RESULT " + json.dumps({
     "sharded": sharded.tokens.tolist(), "plain": plain.tokens.tolist(),
     "logprob_err": float(np.max(np.abs(np.asarray(sharded.logprobs) - np.asarray(plain.logprobs)))),
     "restored_wq": [list(s.data.shape) for s in restored["layers"]["attn"]["wq"].addressable_shards],
-    "restored_wq_spec": str(restored["layers"]["attn"]["wq"].sharding.spec),
-    "restored_wk_spec": str(restored["layers"]["attn"]["wk"].sharding.spec),
+    "restored_wq_spec": list(restored["layers"]["attn"]["wq"].sharding.spec),
+    "restored_wk_spec": list(restored["layers"]["attn"]["wk"].sharding.spec),
     "wq": [list(s.data.shape) for s in attn["wq"].addressable_shards],
     "wk": [list(s.data.shape) for s in attn["wk"].addressable_shards],
     "num_kv_heads": model.config.num_kv_heads}), flush=True)

@@ -47,5 +47,4 @@ try:
                 break
             time.sleep(0.2)
 except Exception as exc:  # a peer died: say so and exit, never hang
-    print(distributed.peer_failure_message(exc), file=sys.stderr, flush=True)
-    sys.exit(1)
+    distributed.exit_on_peer_failure(exc)

@@ -185,7 +185,71 @@ def test_load_with_mesh_restores_into_shards_and_generate_gives_the_same_tokens(
     assert r["logprob_err"] < 1e-4
     # Orbax restored each device's quarter of wq; wk (to be replicated) whole, then sliced.
     assert r["restored_wq"] == [[2, 64, 1, 16]] * 4
-    assert r["restored_wq_spec"] == "PartitionSpec(None, None, 'tp', None)"
-    assert r["restored_wk_spec"] == "PartitionSpec()"
+    assert r["restored_wq_spec"] == [None, None, "tp", None]
+    assert r["restored_wk_spec"] == []
     assert r["wq"] == [[2, 64, 1, 16]] * 4 and r["wk"] == [[2, 64, 1, 16]] * 4
     assert r["num_kv_heads"] == 4
+
+
+# --- two processes on 127.0.0.1 (jax.distributed, CPU collectives), 2 devices each, N = 4 ---------
+
+def start_two_processes(mode: str) -> tuple[subprocess.Popen, subprocess.Popen]:
+    import socket
+    with socket.socket() as s:                      # a free port for the coordinator
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", JPAGED_COMPILATION_CACHE_DIR="off", PYTHONUNBUFFERED="1")
+    script = str(SCRIPT.with_name("multihost_script.py"))
+    return tuple(subprocess.Popen([sys.executable, script, port, str(i), mode], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for i in (0, 1))
+
+
+def single_device_tokens(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    import jax
+    from jpaged import LLM, SamplingParams
+    from jpaged.models.random_weights import random_checkpoint
+    checkpoint = random_checkpoint(RANDOM_LLAMA, dtype="float32", seed=0)
+    checkpoint.params = jax.tree.map(lambda x: x * 15.0, checkpoint.params)   # as multihost_script
+    llm = LLM.from_checkpoint(checkpoint, num_pages=64, page_size=4, max_model_len=64,
+                              max_num_seqs=4, max_num_batched_tokens=64, enable_prefix_caching=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True),
+                        use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_two_processes_tp4_give_the_single_device_tokens_and_stop_cleanly():
+    leader, follower = start_two_processes("once")
+    try:
+        out0, err0 = leader.communicate(timeout=600)
+        out1, err1 = follower.communicate(timeout=60)
+    finally:
+        for p in (leader, follower):
+            p.kill()
+    assert leader.returncode == 0, err0[-3000:]
+    assert follower.returncode == 0 and "FOLLOWER STOPPED" in out1, err1[-3000:]
+    result = json.loads(next(l for l in out0.splitlines() if l.startswith("RESULT "))[7:])
+    assert result["kv_shards"] == [[2, 2, 64, 4, 8]] * 2      # 8 KV heads / 4 devices, 2 local
+    assert result["tokens"] == single_device_tokens([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]], 6)
+
+
+def test_killing_one_process_makes_the_other_exit_with_a_message():
+    import time
+    leader, follower = start_two_processes("forever")
+    try:
+        for line in leader.stdout:                   # process 0 has generated across both
+            if line.startswith("RESULT "):
+                break
+        follower.kill()
+        start = time.monotonic()
+        _, err = leader.communicate(timeout=120)     # no hang
+        elapsed = time.monotonic() - start
+    finally:
+        for p in (leader, follower):
+            p.kill()
+    assert leader.returncode == 1, err[-3000:]
+    assert "jpaged: process 0 of 2: a step of the multi-process engine failed, most likely a " \
+           "collective with a peer process that has died or is unreachable" in err, err[-3000:]
+    assert elapsed < 60

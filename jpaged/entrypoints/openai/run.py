@@ -44,6 +44,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                         help="shard the model over this many devices (jpaged/parallel.py)")
+    parser.add_argument("--coordinator-address", default=None,
+                        help="HOST:PORT of process 0: run one SPMD engine over several processes "
+                             "(jax.distributed); only process 0 serves HTTP")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("--max-waiting-requests", type=int, default=256,
                         help="requests that may wait for the batch; past that: 503")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
@@ -69,10 +74,16 @@ def run_server(args: argparse.Namespace) -> int:
               attention_backend=args.attention_backend,
               enable_prefix_caching=args.enable_prefix_caching,
               compilation_cache_dir=args.compilation_cache_dir, seed=args.seed,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size,
+              coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+              process_id=args.process_id)
     engine = llm.llm_engine
     if args.warmup == "full":
-        warm_up(engine)
+        warm_up(engine)               # the same steps on every process (deterministic plan)
+    if engine.call_log is not None and not engine.call_log.is_leader:
+        logger.info("process %d: following process 0's steps (it serves HTTP)", args.process_id)
+        engine.run_follower()
+        return 0
     if args.debug_fail_step_marker:
         install_step_fault(engine, args.debug_fail_step_marker)
     metrics = ServerMetrics(names[0])
@@ -96,6 +107,7 @@ def run_server(args: argparse.Namespace) -> int:
     server = GracefulServer(config)
     server.before_cancel = async_engine.shutdown
     server.run()
+    engine.stop_followers()           # multi-process: the other processes return too
     return 0
 
 
