@@ -253,3 +253,27 @@ def test_killing_one_process_makes_the_other_exit_with_a_message():
     assert "jpaged: process 0 of 2: a step of the multi-process engine failed, most likely a " \
            "collective with a peer process that has died or is unreachable" in err, err[-3000:]
     assert elapsed < 60
+
+
+def test_serve_flags_and_a_too_large_mesh_give_clear_errors():
+    import argparse
+
+    from jpaged import LLM
+    from jpaged.entrypoints.openai.run import add_serve_arguments
+    from jpaged.models.random_weights import random_checkpoint
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(["m", "-tp", "4", "--coordinator-address", "h:1", "--num-processes",
+                              "2", "--process-id", "1"])
+    assert (args.tensor_parallel_size, args.coordinator_address, args.num_processes,
+            args.process_id) == (4, "h:1", 2, 1)
+    checkpoint = random_checkpoint(RANDOM_LLAMA, dtype="float32")
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=2 needs that many devices, but only "
+                                         r"1 are visible \(cpu\); lower it, or on CPU set XLA_FLAGS="
+                                         r"--xla_force_host_platform_device_count=2"):
+        LLM.from_checkpoint(checkpoint, tensor_parallel_size=2, num_pages=8)
+    from jpaged.distributed import initialize
+    with pytest.raises(ValueError, match=r"coordinator_address must be HOST:PORT"):
+        initialize("localhost", 2, 0)
+    with pytest.raises(ValueError, match=r"process_id must be in \[0, num_processes=2\), got 2"):
+        initialize("localhost:1", 2, 2)
