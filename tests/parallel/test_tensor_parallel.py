@@ -108,6 +108,8 @@ def test_random_llama_32q_8kv_same_greedy_tokens_for_tp_1_2_4_8(tmp_path):
     for size in (2, 4, 8):
         got = result[size]
         assert got["tokens"] == base["tokens"], size
+        assert got["forks"] == base["forks"], size              # sampling, forks, copy-on-write
+        assert got["kv_cache_spec"] == [[None, "tp"]]           # still by KV head after it all
         np.testing.assert_allclose(got["logprobs"], base["logprobs"], atol=1e-4)
         assert_sharded(got, size, {"wq": 2, "wk": 2, "wo": 1, "w_gate": 2, "w_down": 1, "embed": 0,
                                    "kv_cache_k": 1})

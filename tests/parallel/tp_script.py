@@ -51,6 +51,10 @@ def run(job: dict, size: int) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True,
                             logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
+    # n=2 forks share the prompt's pages: copy-on-write runs the page mover on the sharded cache
+    forks = llm.generate([{"prompt_token_ids": job["prompts"][0]}],
+                         SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=4, ignore_eos=True),
+                         use_tqdm=False)[0]
     runner = llm.llm_engine.runner
     attn, mlp = runner.params["layers"]["attn"], runner.params["layers"]["mlp"]
     leaves = {"wq": attn["wq"], "wk": attn["wk"], "wo": attn["wo"], "w_gate": mlp["w_gate"],
@@ -61,6 +65,9 @@ def run(job: dict, size: int) -> dict:
                          for o in outs],
             "shards": {name: shard_shapes(a) for name, a in leaves.items()},
             "shapes": {name: full_shape(a) for name, a in leaves.items()},
+            "forks": [c.token_ids for c in forks.outputs],
+            "kv_cache_spec": [list(runner.kv_cache.k.sharding.spec)
+                              if hasattr(runner.kv_cache.k.sharding, "spec") else None],
             "collectives": collectives(runner),
             "param_bytes_device0": on_device0(jax.tree.leaves(runner.params)),
             "kv_page_bytes_device0": on_device0([runner.kv_cache.k, runner.kv_cache.v])
