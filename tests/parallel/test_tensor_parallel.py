@@ -279,3 +279,18 @@ def test_serve_flags_and_a_too_large_mesh_give_clear_errors():
         initialize("localhost", 2, 0)
     with pytest.raises(ValueError, match=r"process_id must be in \[0, num_processes=2\), got 2"):
         initialize("localhost:1", 2, 2)
+
+
+def test_pallas_kernels_run_per_device_under_shard_map():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu", JPAGED_COMPILATION_CACHE_DIR="off")
+    proc = subprocess.run([sys.executable, str(SCRIPT.with_name("pallas_script.py"))],
+                          capture_output=True, text=True, env=env, timeout=900)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    for name, r in result.items():
+        assert r["shard_map"] and r["pallas_call"], (name, r)
+        assert r["err"] < 2e-3, (name, r)                 # the probe's float32 tolerance
+        rows = 2 if name == "paged_attention" else 4
+        assert r["out_shards"] == [[rows, 2, 16]] * 4      # 8 query heads, 2 per device
