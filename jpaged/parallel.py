@@ -2,9 +2,10 @@
 by KV head, and attention run per device under `shard_map`.
 
 Nothing here moves data by hand: weights and the cache are placed with `NamedSharding`s, the step
-is plain jitted code with those shardings, and XLA's SPMD partitioner inserts the collectives (one
-all-reduce after attention's output projection, one after the MLP's down projection, an all-gather
-of the vocabulary-sharded logits). The host scheduler and block manager do not change: one
+is plain jitted code with those shardings, and XLA's SPMD partitioner inserts the collectives: per
+layer one all-reduce after attention's output projection and one after the MLP's down projection;
+per step one all-reduce for the vocabulary-sharded embedding lookup and one all-gather of the
+vocabulary-sharded logits (tests/parallel counts them in the compiled step). The host scheduler and block manager do not change: one
 scheduler, one SPMD step over every device of the mesh.
 
 Sharding rules (mesh axis "tp", size N; leaf shapes in the legend of jpaged_kernels/reference.py):

@@ -234,7 +234,11 @@ class LLMEngine:
         NOTE: KV computed under the old weights is stale. Every running sequence is preempted by
         recompute (it resumes, prompt and output so far, under the new weights; tokens already
         generated are kept) and the prefix cache is reset.
+        Under tensor parallelism `params` is in the checkpoint's layout (as jpaged.load gives it):
+        its KV heads are replicated and every leaf placed in the engine's shards first.
         """
+        if self.parallel:
+            params = self.parallel.shard_params(params)
         self.runner.swap_params(params)
         preempted = self.scheduler.preempt_all_running()
         self.block_manager.reset_prefix_cache()

@@ -109,6 +109,7 @@ def test_random_llama_32q_8kv_same_greedy_tokens_for_tp_1_2_4_8(tmp_path):
         got = result[size]
         assert got["tokens"] == base["tokens"], size
         assert got["forks"] == base["forks"], size              # sampling, forks, copy-on-write
+        assert got["after_update"] == base["tokens"] and got["compiled_by_update"] == 0
         assert got["kv_cache_spec"] == [[None, "tp"]]           # still by KV head after it all
         np.testing.assert_allclose(got["logprobs"], base["logprobs"], atol=1e-4)
         assert_sharded(got, size, {"wq": 2, "wk": 2, "wo": 1, "w_gate": 2, "w_down": 1, "embed": 0,
@@ -119,7 +120,7 @@ def test_random_llama_32q_8kv_same_greedy_tokens_for_tp_1_2_4_8(tmp_path):
         assert [c.split()[0] for c in decode].count("all-reduce") == 3, decode
         assert [c.split()[0] for c in decode].count("all-gather") == 1, decode
         assert_capacity_matches_engine(paper_capacity(tmp_path, {}, size), got)
-    assert_sharded(base, 1, {"wq": None, "kv_cache_k": None})
+    assert_sharded(base, 1, {"embed": None, "kv_cache_k": None})
     assert result[3] == {"error": "tensor_parallel_size=3 does not divide the model's 32 query heads "
                                   "(num_attention_heads); choose a divisor of 32: "
                                   "[1, 2, 4, 8, 16, 32]"}

@@ -55,17 +55,27 @@ def run(job: dict, size: int) -> dict:
     forks = llm.generate([{"prompt_token_ids": job["prompts"][0]}],
                          SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=4, ignore_eos=True),
                          use_tqdm=False)[0]
+    # new weights (the same values, the checkpoint's layout) swap in without compiling anything
+    compilations = llm.llm_engine.num_compilations
+    if job["model"] == "random":
+        llm.update_params(checkpoint.params)
+    again = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
     runner = llm.llm_engine.runner
-    attn, mlp = runner.params["layers"]["attn"], runner.params["layers"]["mlp"]
-    leaves = {"wq": attn["wq"], "wk": attn["wk"], "wo": attn["wo"], "w_gate": mlp["w_gate"],
-              "w_down": mlp["w_down"], "embed": runner.params["embed"]["embedding"],
-              "kv_cache_k": runner.kv_cache.k}
+    # NOTE: on one device the runner may hold its own (fused, per-layer) layout of the layer
+    # weights; the sharded engine keeps the checkpoint's stacked leaves. Report what is there.
+    layers = runner.params["layers"]
+    leaves = {name: layers[group][name] for group, name in (
+        ("attn", "wq"), ("attn", "wk"), ("attn", "wo"), ("mlp", "w_gate"), ("mlp", "w_down"))
+        if name in layers[group]}
+    leaves.update(embed=runner.params["embed"]["embedding"], kv_cache_k=runner.kv_cache.k)
     return {"tokens": [o.outputs[0].token_ids for o in outs],
             "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
                          for o in outs],
             "shards": {name: shard_shapes(a) for name, a in leaves.items()},
             "shapes": {name: full_shape(a) for name, a in leaves.items()},
             "forks": [c.token_ids for c in forks.outputs],
+            "after_update": [o.outputs[0].token_ids for o in again],
+            "compiled_by_update": llm.llm_engine.num_compilations - compilations,
             "kv_cache_spec": [list(runner.kv_cache.k.sharding.spec)
                               if hasattr(runner.kv_cache.k.sharding, "spec") else None],
             "collectives": collectives(runner),
