@@ -16,6 +16,8 @@ when it exits).
 NOTE: failure. If a process dies, the others' next collective fails (the CPU collectives see the
 connection close) or the coordination service's heartbeat (HEARTBEAT_SECONDS) declares it dead;
 every process then exits with one line naming the failure. Nothing waits forever.
+NOTE: trust. The calls travel pickled; the processes of one engine trust each other (as any
+jax.distributed job does); never expose the coordinator port beyond the cluster.
 Limits: swap preemption needs the whole cache on one host, so multi-process engines use
 recompute; process 0's tokenizer must match the others' (the same MODEL everywhere).
 """
