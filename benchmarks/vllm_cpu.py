@@ -67,7 +67,7 @@ def hf_model_dir(gguf_path: Path) -> Path:
 
 
 def run(model_dir: Path, prompts: list[list[int]], output_len: int, batch1_tokens: int,
-        dtype: str) -> dict:
+        dtype: str, ttft_prompt: list[int] | None = None) -> dict:
     """Run the child in the vLLM venv; returns its result dict (with `token_ids` per prompt)."""
     python = venv_python()
     if python is None:
@@ -76,7 +76,7 @@ def run(model_dir: Path, prompts: list[list[int]], output_len: int, batch1_token
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "0-1")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(prompts, f)
+        json.dump({"prompts": prompts, "ttft_prompt": ttft_prompt}, f)
     # -P: benchmarks/ must not be on the child's path (its kernels.py would shadow a package)
     argv = [str(python), "-P", __file__, "child", "--model", str(model_dir), "--prompts", f.name,
             "--output-len", str(output_len), "--batch1-tokens", str(batch1_tokens), "--dtype", dtype]
@@ -98,7 +98,8 @@ def child(args) -> dict:
     import torch
     import vllm
 
-    prompts = [{"prompt_token_ids": p} for p in json.loads(Path(args.prompts).read_text())]
+    given = json.loads(Path(args.prompts).read_text())
+    prompts = [{"prompt_token_ids": p} for p in given["prompts"]]
     start = time.perf_counter()
     llm = vllm.LLM(args.model, dtype=args.dtype, seed=0)
     startup_s = time.perf_counter() - start
@@ -125,6 +126,14 @@ def child(args) -> dict:
         timed(args.batch1_tokens)
         one, full = min(timed(1) for _ in range(3)), min(timed(args.batch1_tokens) for _ in range(2))
         result["batch1_ms_per_token"] = (full - one) / (args.batch1_tokens - 1) * 1e3
+    if given["ttft_prompt"]:
+        def first_token():
+            llm.reset_prefix_cache()                  # the prompt must be computed every time
+            start = time.perf_counter()
+            llm.generate([{"prompt_token_ids": given["ttft_prompt"]}], params(1), use_tqdm=False)
+            return time.perf_counter() - start
+        first_token()
+        result["ttft_s"] = min(first_token() for _ in range(3))
     result["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
@@ -134,7 +143,8 @@ def main() -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("child", help="run inside the vLLM venv")
     c.add_argument("--model", required=True)
-    c.add_argument("--prompts", required=True, help="JSON list of token-id lists")
+    c.add_argument("--prompts", required=True,
+                   help='JSON {"prompts": [token-id lists], "ttft_prompt": token ids or null}')
     c.add_argument("--output-len", type=int, default=128)
     c.add_argument("--batch1-tokens", type=int, default=128)
     c.add_argument("--dtype", default="float32")

@@ -84,8 +84,8 @@ def _load_gguf(path: Path, dtype, progress: bool) -> LoadedCheckpoint:
     source = GGUFSource(path)
     loaded = _load_converted(source, dtype, progress)
     if entry is not None:
-        model_cache.store(entry, lambda out: write_checkpoint(source, loaded.params, out,
-                                                              loaded.tokenizer, compress=False))
+        model_cache.store_in_background(entry, lambda out: write_checkpoint(
+            source, loaded.params, out, loaded.tokenizer, compress=False))
     return loaded
 
 

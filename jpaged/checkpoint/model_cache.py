@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from jpaged.cache_dirs import resolve_cache_dir
@@ -22,6 +23,7 @@ from jpaged.cache_dirs import resolve_cache_dir
 logger = logging.getLogger("jpaged")
 ENV_VAR = "JPAGED_MODEL_CACHE_DIR"
 _COMPLETE = "jpaged_config.json"     # written last by write_checkpoint: its presence means whole
+_pending: dict[Path, threading.Thread] = {}   # entries being written by this process
 
 
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -41,7 +43,25 @@ def cache_entry(gguf_path: Path, dtype: str, cache_dir: str | None = None) -> Pa
 
 
 def is_complete(entry: Path) -> bool:
+    """Whether `entry` holds a whole conversion (waiting for this process's own write of it)."""
+    pending = _pending.get(entry)
+    if pending is not None:
+        pending.join()
     return (entry / _COMPLETE).is_file() and (entry / "params").is_dir()
+
+
+def store_in_background(entry: Path, write) -> None:
+    """`store` on a (non-daemon) thread: the model is already in memory, so the caller goes on
+    (compiling, generating) while the copy is written; the process exits only once it is whole."""
+    thread = threading.Thread(target=store, args=(entry, write), name="jpaged-model-cache")
+    _pending[entry] = thread
+    thread.start()
+
+
+def wait() -> None:
+    """Block until this process's background writes are done."""
+    for thread in list(_pending.values()):
+        thread.join()
 
 
 def store(entry: Path, write) -> None:

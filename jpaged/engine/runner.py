@@ -20,7 +20,7 @@ from jpaged.core.scheduler import ScheduledSeq, SchedulerOutput
 from jpaged.engine.page_mover import PageMover
 from jpaged.engine.sampler import (SamplerFlags, SamplerOutput, SamplingTensors,
                                    build_sampling_tensors, sample)
-from jpaged.models.llama import AttentionMetadata, CausalLM, KVCache
+from jpaged.models.llama import AttentionMetadata, CausalLM, KVCache, split_layer_weights
 
 logger = logging.getLogger("jpaged")
 
@@ -71,7 +71,12 @@ class ModelRunner:
         """`shardings`: (in_shardings, out_shardings) of the step under tensor parallelism
         (TensorParallel.step_shardings), so the donated cache keeps its sharding step after step."""
         self.model = model
-        self.params = params
+        # NOTE: on one CPU device the layer matmul weights are split per layer, so the step reads
+        # them in place instead of copying a dynamic slice each layer (split_layer_weights).
+        self._split_layers = shardings is None and all(
+            isinstance(leaf, jax.Array) and {d.platform for d in leaf.devices()} == {"cpu"}
+            for leaf in jax.tree.leaves(params))
+        self.params = split_layer_weights(params) if self._split_layers else params
         self.kv_cache = kv_cache
         self.page_size = kv_cache.page_size
         self.vocab_size = model.config.vocab_size
@@ -151,6 +156,8 @@ class ModelRunner:
 
         NumPy leaves are placed like the leaves they replace; jax.Array leaves must already be.
         """
+        if self._split_layers:
+            params = split_layer_weights(params)
         current, treedef = jax.tree_util.tree_flatten_with_path(self.params)
         new, new_treedef = jax.tree_util.tree_flatten_with_path(params)
         if new_treedef != treedef:

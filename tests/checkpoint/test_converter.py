@@ -25,6 +25,7 @@ gguf = pytest.importorskip("gguf")
 from jpaged.checkpoint.convert import convert, main  # noqa: E402
 from jpaged.checkpoint.params import flatten  # noqa: E402
 from jpaged.checkpoint.loader import load_checkpoint  # noqa: E402
+from jpaged.checkpoint import model_cache  # noqa: E402
 from jpaged.checkpoint.model_cache import file_sha256  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -333,6 +334,7 @@ def test_gguf_model_cache(llama, tmp_path, monkeypatch, caplog):
     cache = tmp_path / "cache"
     monkeypatch.setenv("JPAGED_MODEL_CACHE_DIR", str(cache))
     fresh = load_checkpoint(path, progress=False)
+    model_cache.wait()                                   # the copy is written in the background
     entry = cache / f"tiny-{file_sha256(path)[:16]}-float32"
     assert [p.name for p in cache.iterdir()] == [entry.name]        # no partial directory left
     with caplog.at_level(logging.INFO, logger="jpaged"):
@@ -342,12 +344,14 @@ def test_gguf_model_cache(llama, tmp_path, monkeypatch, caplog):
     assert cached.eos_token_ids == fresh.eos_token_ids and cached.tokenizer is None
     assert_params_equal(cached.params, {k: np.asarray(v) for k, v in flatten(fresh.params).items()})
     assert load_checkpoint(path, dtype="bfloat16", progress=False).dtype == "bfloat16"
+    model_cache.wait()
     assert (cache / f"tiny-{file_sha256(path)[:16]}-bfloat16").is_dir()    # keyed by dtype too
 
     llama_changed = tiny_model(seed=1)                  # same name, other content: a new entry
     write_tiny_gguf(llama_changed, path)
     assert len(list(cache.iterdir())) == 2
     load_checkpoint(path, progress=False)
+    model_cache.wait()
     assert len(list(cache.iterdir())) == 3
     monkeypatch.setenv("JPAGED_MODEL_CACHE_DIR", "off")
     caplog.clear()

@@ -22,7 +22,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jpaged.checkpoint.loader import load_checkpoint  # noqa: E402
-from jpaged.models.llama import AttentionMetadata, CausalLM, KVCache  # noqa: E402
+from jpaged.models.llama import (AttentionMetadata, CausalLM, KVCache,  # noqa: E402
+                                 split_layer_weights)
 
 TOLERANCE = 1e-4
 
@@ -132,19 +133,21 @@ def decode_inputs(batch: Batch, block_tables: np.ndarray, step: int):
     return jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), metadata
 
 
-def run_jpaged(checkpoint, batch: Batch) -> list[np.ndarray]:
-    """Prefill, then decode steps; returns each step's [B, V] last-token logits."""
+def run_jpaged(checkpoint, batch: Batch, params=None) -> list[np.ndarray]:
+    """Prefill, then decode steps; returns each step's [B, V] last-token logits. `params`: another
+    layout of the checkpoint's params (default: the checkpoint's own, stacked over layers)."""
     model = CausalLM(checkpoint.config, dtype=jnp.float32)
+    params = checkpoint.params if params is None else params
     step = jax.jit(lambda params, tokens, positions, cache, metadata: model.apply(
         {"params": params}, tokens, positions, cache, metadata))
     cache = KVCache.zeros(checkpoint.config, batch.num_pages, batch.page_size, jnp.float32)
     block_tables = allocate_block_tables(batch)
     tokens, positions, metadata = prefill_inputs(batch, block_tables)
-    logits, cache = step(checkpoint.params, tokens, positions, cache, metadata)
+    logits, cache = step(params, tokens, positions, cache, metadata)
     outputs = [np.asarray(logits)]
     for i in range(batch.num_decode_steps):
         tokens, positions, metadata = decode_inputs(batch, block_tables, i)
-        logits, cache = step(checkpoint.params, tokens, positions, cache, metadata)
+        logits, cache = step(params, tokens, positions, cache, metadata)
         outputs.append(np.asarray(logits))
     return outputs
 
@@ -178,6 +181,23 @@ def test_tiny_model_logits_match_hf(case, tmp_path):
     errors = max_errors(expected, actual)
     assert max(errors) <= TOLERANCE, f"{case}: max abs logit error per step {errors}"
     assert np.abs(expected[0]).max() > 1.0, "logits too small for the tolerance to mean anything"
+
+
+@pytest.mark.parametrize("case", ["llama2_mha_untied", "qwen2_bias_tied", "mistral_gqa_sliding_window"])
+def test_split_layer_weights_match_stacked(case, tmp_path):
+    """The engine's layout (one buffer per layer, q/k/v and gate/up fused; split_layer_weights)
+    computes what the stacked checkpoint layout computes, on the same ragged prefill + decodes."""
+    build_hf_model(case, tmp_path)
+    checkpoint = load_checkpoint(tmp_path, progress=False)
+    split = split_layer_weights(checkpoint.params)
+    layers = split["layers"]
+    assert sorted(layers["attn"]) == sorted({"wqkv", "wo"} | ({"bq", "bk", "bv"} if case.startswith(
+        "qwen2") else set()))
+    assert isinstance(layers["mlp"]["w_gate_up"], tuple) and len(layers["mlp"]["w_gate_up"]) == 2
+    batch = random_batch(TINY["vocab_size"])
+    stacked, got = run_jpaged(checkpoint, batch), run_jpaged(checkpoint, batch, params=split)
+    for want, have in zip(stacked, got):
+        np.testing.assert_allclose(have, want, rtol=0, atol=1e-5)
 
 
 def test_config_flags_reach_the_model(tmp_path):
