@@ -15,7 +15,8 @@ import logging
 import sys
 from pathlib import Path
 
-from jpaged.checkpoint.params import build_params, resolve_dtype, save_params
+from jpaged.checkpoint.params import (PARAMS_FILE, build_params, resolve_dtype, save_params,
+                                      save_params_file)
 from jpaged.checkpoint.sources import open_source
 from jpaged.config import SUPPORTED_DTYPES
 
@@ -34,13 +35,18 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, progress
     return out
 
 
-def write_checkpoint(source, params: dict, out: Path, tokenizer=None, compress: bool = True) -> None:
+def write_checkpoint(source, params: dict, out: Path, tokenizer=None, params_file: bool = False
+                     ) -> None:
     """Write params, configs and tokenizer files of an opened source into the directory OUT.
-    `tokenizer`: an already loaded one to save (else the source saves its own).
+    `tokenizer`: an already loaded one to save (else the source saves its own). `params_file`:
+    params as one safetensors file (params.safetensors, faster to load) instead of Orbax params/.
 
     NOTE: jpaged_config.json is written last: the model cache takes its presence to mean whole.
     """
-    save_params(out / "params", params, compress=compress)
+    if params_file:
+        save_params_file(out / PARAMS_FILE, params)
+    else:
+        save_params(out / "params", params)
     source.save_config_files(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

@@ -18,7 +18,8 @@ from typing import Any
 
 import jax
 
-from jpaged.checkpoint.params import build_params, param_shapes, resolve_dtype
+from jpaged.checkpoint.params import (PARAMS_FILE, build_params, load_params_file, param_shapes,
+                                      params_file_dtype, resolve_dtype)
 from jpaged.checkpoint.sources import GGUFSource, HFSource, load_tokenizer, read_json
 from jpaged.config import ModelConfig
 
@@ -85,7 +86,7 @@ def _load_gguf(path: Path, dtype, progress: bool) -> LoadedCheckpoint:
     loaded = _load_converted(source, dtype, progress)
     if entry is not None:
         model_cache.store_in_background(entry, lambda out: write_checkpoint(
-            source, loaded.params, out, loaded.tokenizer, compress=False))
+            source, loaded.params, out, loaded.tokenizer, params_file=True))
     return loaded
 
 
@@ -99,6 +100,12 @@ def _placed(checkpoint: LoadedCheckpoint, mesh) -> LoadedCheckpoint:
 
 
 def _load_jpaged(path: Path, dtype, mesh=None) -> LoadedCheckpoint:
+    if (path / PARAMS_FILE).is_file():     # the model cache's form: one safetensors file
+        config = ModelConfig.from_json(path / JPAGED_CONFIG)
+        dtype = resolve_dtype(dtype or params_file_dtype(path / PARAMS_FILE))
+        loaded = LoadedCheckpoint(config, load_params_file(path / PARAMS_FILE, dtype), dtype,
+                                  *_tokenizer_and_eos(path, config), "jpaged", path)
+        return _placed(loaded, mesh)
     import orbax.checkpoint as ocp
     params_dir = (path / "params").resolve()
     if not params_dir.is_dir():
@@ -117,10 +124,12 @@ def _load_jpaged(path: Path, dtype, mesh=None) -> LoadedCheckpoint:
     target = jax.tree.map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, dtype, sharding=sharding),
                           shapes, shardings)
     params = checkpointer.restore(params_dir, target)   # Orbax casts to the target dtype on read
+    return LoadedCheckpoint(config, params, dtype, *_tokenizer_and_eos(path, config), "jpaged", path)
+
+
+def _tokenizer_and_eos(path: Path, config: ModelConfig) -> tuple:
     tokenizer = load_tokenizer(path)
-    return LoadedCheckpoint(config, params, dtype, tokenizer,
-                            _eos_ids(config, read_json(path / "generation_config.json"), tokenizer),
-                            "jpaged", path)
+    return tokenizer, _eos_ids(config, read_json(path / "generation_config.json"), tokenizer)
 
 
 def _stored_dtype(checkpointer, params_dir: Path) -> str:

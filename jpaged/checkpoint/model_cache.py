@@ -1,9 +1,9 @@
 """A converted copy of each `.gguf` file, so a start loads it instead of dequantizing again.
 
 NOTE: the key is the file's SHA-256 (not its path or mtime) and the params dtype:
-`<cache>/models/<stem>-<sha256[:16]>-<dtype>/` holds an ordinary jpaged checkpoint (Orbax params,
-stored uncompressed because they restore faster; jpaged_config.json, config.json, tokenizer files),
-what `jpaged convert` writes. It is written into a temporary sibling directory and renamed into
+`<cache>/models/<stem>-<sha256[:16]>-<dtype>/` holds a jpaged checkpoint (jpaged_config.json,
+config.json, tokenizer files) whose params are one safetensors file, params.safetensors, rather
+than Orbax's params/: it loads several times faster, and `LLM(entry)` reads either form. It is written into a temporary sibling directory and renamed into
 place, so a crash or a concurrent writer never leaves a half-written entry under the final name.
 See jpaged/cache_dirs.py for the place and for $JPAGED_MODEL_CACHE_DIR=off.
 """
@@ -47,7 +47,7 @@ def is_complete(entry: Path) -> bool:
     pending = _pending.get(entry)
     if pending is not None:
         pending.join()
-    return (entry / _COMPLETE).is_file() and (entry / "params").is_dir()
+    return (entry / _COMPLETE).is_file() and (entry / "params.safetensors").is_file()
 
 
 def store_in_background(entry: Path, write) -> None:

@@ -118,15 +118,50 @@ def preview(names: list[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def save_params(path: Path, params: dict, compress: bool = True) -> None:
-    """An Orbax checkpoint of the params pytree (zstd-compressed unless `compress=False`)."""
+def save_params(path: Path, params: dict) -> None:
     import orbax.checkpoint as ocp
-    if compress:
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(path.resolve(), params)
-        checkpointer.wait_until_finished()
-        return
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
-    checkpointer.save(path.resolve(), args=ocp.args.PyTreeSave(params))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path.resolve(), params)
+    checkpointer.wait_until_finished()
 
 
+
+
+PARAMS_FILE = "params.safetensors"
+
+
+def save_params_file(path: Path, params: dict) -> None:
+    """The params pytree as one safetensors file of flat names ("layers/attn/wq"); bfloat16 leaves
+    are stored as their uint16 bits (NumPy has no bfloat16), named in the file's metadata."""
+    from safetensors.numpy import save_file
+    flat = {name: np.asarray(leaf) for name, leaf in flatten(params).items()}
+    bf16 = sorted(name for name, x in flat.items() if x.dtype.name == "bfloat16")
+    tensors = {name: x.view(np.uint16) if name in bf16 else x for name, x in flat.items()}
+    save_file(tensors, str(path), metadata={"bfloat16": ",".join(bf16)})
+
+
+def params_file_dtype(path: Path) -> str:
+    """The dtype save_params_file stored (that of the embedding)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="numpy") as f:
+        if "embed/embedding" in (f.metadata() or {}).get("bfloat16", "").split(","):
+            return "bfloat16"
+        return f.get_slice("embed/embedding").get_dtype().lower().replace("f32", "float32").replace(
+            "f16", "float16")
+
+
+def load_params_file(path: Path, dtype: str) -> dict:
+    """save_params_file's file back as a params pytree of jax arrays in `dtype`.
+
+    NOTE: a plain read and one device_put per leaf: several times faster than an Orbax restore
+    (no tensorstore, no thread pool), which is what makes a warm start from the model cache fast.
+    """
+    import ml_dtypes
+    from safetensors import safe_open
+    with safe_open(str(path), framework="numpy") as f:
+        bf16 = set(filter(None, (f.metadata() or {}).get("bfloat16", "").split(",")))
+        flat = {name: f.get_tensor(name) for name in f.keys()}
+    target = jnp.dtype(dtype)
+    return unflatten({name: jax.device_put(
+        (x.view(ml_dtypes.bfloat16) if name in bf16 else x).astype(target, copy=False))
+        for name, x in flat.items()})

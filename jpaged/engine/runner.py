@@ -71,12 +71,15 @@ class ModelRunner:
         """`shardings`: (in_shardings, out_shardings) of the step under tensor parallelism
         (TensorParallel.step_shardings), so the donated cache keeps its sharding step after step."""
         self.model = model
-        # NOTE: on one CPU device the layer matmul weights are split per layer, so the step reads
-        # them in place instead of copying a dynamic slice each layer (split_layer_weights).
+        # NOTE: on one CPU device, decode steps get the layer matmul weights split per layer so
+        # they read them in place instead of copying a dynamic slice each layer
+        # (split_layer_weights; one more copy of the weights in memory). Mixed steps keep the
+        # stacked weights: their matmuls amortise the copies, and they compile faster.
         self._split_layers = shardings is None and all(
             isinstance(leaf, jax.Array) and {d.platform for d in leaf.devices()} == {"cpu"}
             for leaf in jax.tree.leaves(params))
-        self.params = split_layer_weights(params) if self._split_layers else params
+        self.params = params
+        self._decode_params = split_layer_weights(params) if self._split_layers else params
         self.kv_cache = kv_cache
         self.page_size = kv_cache.page_size
         self.vocab_size = model.config.vocab_size
@@ -109,7 +112,7 @@ class ModelRunner:
         self.kv_cache = self.pages.apply(out, self.kv_cache)
         inputs, key = self.prepare_inputs(out.scheduled)
         fn = self._steps.get(key) or self._compile(key, inputs)
-        logits, self.kv_cache = fn(self.params, self.kv_cache, inputs)
+        logits, self.kv_cache = fn(self._step_params(key), self.kv_cache, inputs)
         tensors, flags = build_sampling_tensors(out.scheduled, key.num_seqs, self.vocab_size,
                                                 self.max_model_len, eos_token_ids)
         tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, tensors, flags=flags)
@@ -156,8 +159,6 @@ class ModelRunner:
 
         NumPy leaves are placed like the leaves they replace; jax.Array leaves must already be.
         """
-        if self._split_layers:
-            params = split_layer_weights(params)
         current, treedef = jax.tree_util.tree_flatten_with_path(self.params)
         new, new_treedef = jax.tree_util.tree_flatten_with_path(params)
         if new_treedef != treedef:
@@ -170,10 +171,14 @@ class ModelRunner:
         self.params = jax.tree.unflatten(treedef, [
             _same_layout(jax.tree_util.keystr(path), old, leaf)
             for (path, old), (_, leaf) in zip(current, new)])
+        self._decode_params = split_layer_weights(self.params) if self._split_layers else self.params
+
+    def _step_params(self, key: StepKey):
+        return self._decode_params if key.decode_only else self.params
 
     def _compile(self, key: StepKey, inputs: StepInputs):
         start = time.perf_counter()
-        compiled = self._jit_step.lower(self.params, self.kv_cache, inputs).compile()
+        compiled = self._jit_step.lower(self._step_params(key), self.kv_cache, inputs).compile()
         self._steps[key] = compiled
         self.num_step_compilations += 1
         seconds = time.perf_counter() - start
