@@ -132,8 +132,10 @@ def generate(model: CausalLM, params, prompt_tokens, prompt_lengths, *, max_new_
     def more(state: _LoopState):
         return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-    token_ids, positions, metadata = _prefill_inputs(prompt_tokens, prompt_lengths, block_tables,
-                                                     page_size)
+    # NOTE: the prefill's block table covers the prompts only: the reference attention reads every
+    # page of the table, and the decode pages are still empty.
+    token_ids, positions, metadata = _prefill_inputs(
+        prompt_tokens, prompt_lengths, block_tables[:, :-(-width // page_size)], page_size)
     logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, metadata)
     start = _LoopState(jnp.int32(0), kv_cache, jnp.zeros(num_seqs, jnp.int32),
                        jnp.zeros((num_seqs, max_new_tokens), jnp.int32),
