@@ -47,6 +47,10 @@ def is_complete(entry: Path) -> bool:
     pending = _pending.get(entry)
     if pending is not None:
         pending.join()
+    return _is_whole(entry)
+
+
+def _is_whole(entry: Path) -> bool:
     return (entry / _COMPLETE).is_file() and (entry / "params.safetensors").is_file()
 
 
@@ -76,6 +80,8 @@ def store(entry: Path, write) -> None:
         return
     try:
         write(tmp)
+        if entry.is_dir() and not _is_whole(entry):   # a stale entry (crash, older layout)
+            shutil.rmtree(entry, ignore_errors=True)
         os.rename(tmp, entry)                # atomic; fails if another process got there first
         logger.info("model cache: stored a converted copy at %s", entry)
     except Exception as error:           # noqa: BLE001 - the load goes on from memory

@@ -333,10 +333,12 @@ def test_gguf_model_cache(llama, tmp_path, monkeypatch, caplog):
     path = write_tiny_gguf(llama, tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
     monkeypatch.setenv("JPAGED_MODEL_CACHE_DIR", str(cache))
+    entry = cache / f"tiny-{file_sha256(path)[:16]}-float32"
+    (entry / "params").mkdir(parents=True)               # a stale entry (older layout): replaced
     fresh = load_checkpoint(path, progress=False)
     model_cache.wait()                                   # the copy is written in the background
-    entry = cache / f"tiny-{file_sha256(path)[:16]}-float32"
     assert [p.name for p in cache.iterdir()] == [entry.name]        # no partial directory left
+    assert model_cache.is_complete(entry) and not (entry / "params").exists()
     with caplog.at_level(logging.INFO, logger="jpaged"):
         cached = load_checkpoint(path, progress=False)
     assert f"model cache: loading the converted copy of tiny.gguf from {entry}" in caplog.text
