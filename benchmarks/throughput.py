@@ -208,6 +208,9 @@ def run_generate(args) -> dict:
         model, params, tokenizer = CausalLM(checkpoint.config, args.dtype), checkpoint.params, None
     else:
         model, params, tokenizer = jpaged.load(args.model or default_model_path(), dtype=args.dtype)
+    if jax.devices()[0].platform == "cpu":     # the engine's CPU layout: layer weights read in place
+        from jpaged.models.llama import split_layer_weights
+        params = split_layer_weights(params)
     prompts = make_prompts(args, tokenizer, model.config.vocab_size)
     tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
     for i, p in enumerate(prompts):

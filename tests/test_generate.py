@@ -18,7 +18,7 @@ import pytest
 import jpaged
 from jpaged.checkpoint.loader import LoadedCheckpoint
 from jpaged.generation import GenerateOutput, generate
-from jpaged.models.llama import CausalLM
+from jpaged.models.llama import CausalLM, split_layer_weights
 from jpaged.models.random_weights import random_checkpoint
 
 STATIC = ("model", "max_new_tokens", "page_size", "num_pages", "eos_token_id",
@@ -154,6 +154,17 @@ def test_per_sequence_stop_at_eos_pads_with_zero(random_model):
     assert not np.isin(np.asarray(banned.tokens), [eos, 255]).any()
     assert banned.tokens[1, :3].tolist() == full.tokens[1, :3].tolist()
     assert float(banned.logprobs[1, 3]) < float(full.logprobs[1, 3])     # the runner-up
+
+
+def test_split_layer_weights_give_the_same_tokens(random_model):
+    """The engine's CPU layout (one buffer per layer, q/k/v and gate/up fused) through generate."""
+    model, params = random_model
+    tokens, lengths = padded(PROMPTS)
+    call = dict(max_new_tokens=MAX_NEW, rng=jax.random.key(2), temperature=1.0, page_size=4)
+    split = GEN(model, split_layer_weights(params), tokens, lengths, **call)
+    stacked = GEN(model, params, tokens, lengths, **call)
+    assert split.tokens.tolist() == stacked.tokens.tolist()
+    np.testing.assert_allclose(np.asarray(split.logprobs), np.asarray(stacked.logprobs), atol=1e-5)
 
 
 def test_second_call_with_same_shapes_does_not_compile(random_model, backend_compiles):
