@@ -87,16 +87,7 @@ class LLM:
         # Offline generation returns each request once, finished (vLLM's LLM does the same).
         params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
                   if isinstance(p, SamplingParams) else p for p in params]
-        engine = self.llm_engine
-        request_ids = []
-        try:
-            for prompt, p in zip(prompts, params):
-                request_ids.append(f"{next(self._ids)}")
-                engine.add_request(request_ids[-1], prompt, p)
-        except Exception:
-            for rid in request_ids:
-                engine.abort_request(rid)
-            raise
+        request_ids = self._add_all(self.llm_engine.add_request, zip(prompts, params), "")
         return self._run(request_ids, use_tqdm)
 
     def beam_search(self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams,
@@ -106,17 +97,23 @@ class LLM:
         `sequences` are the beam_width best hypotheses, best first (HF's scoring: cum_logprob /
         output length ** length_penalty; see jpaged/engine/beam_search.py)."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
-        engine = self.llm_engine
+        request_ids = self._add_all(self.llm_engine.add_beam_request,
+                                    [(prompt, params) for prompt in prompts], "beam-")
+        return [_beam_output(out, params) for out in self._run(request_ids, use_tqdm)]
+
+    def _add_all(self, add, requests, prefix: str) -> list[str]:
+        """Add every (prompt, params) with `add`, all or nothing: the first bad one raises and
+        the ones already added are aborted."""
         request_ids = []
         try:
-            for prompt in prompts:
-                request_ids.append(f"beam-{next(self._ids)}")
-                engine.add_beam_request(request_ids[-1], prompt, params)
+            for prompt, params in requests:
+                request_ids.append(f"{prefix}{next(self._ids)}")
+                add(request_ids[-1], prompt, params)
         except Exception:
-            for rid in request_ids:
-                engine.abort_request(rid)
+            for request_id in request_ids:
+                self.llm_engine.abort_request(request_id)
             raise
-        return [_beam_output(out, params) for out in self._run(request_ids, use_tqdm)]
+        return request_ids
 
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
