@@ -368,7 +368,8 @@ class LLMEngine:
 
     def stats(self) -> dict[str, int]:
         """KV pages (usable total, used, cached-but-free, free), prefix-cache page queries and
-        hits, preemptions by mode, swapped pages, compilations and queue lengths."""
+        hits, preemptions by mode, swapped pages, compilations, steps that ran in a stand-in bucket
+        while theirs compiled (ModelRunner.compile_in_background) and queue lengths."""
         bm, sched = self.block_manager, self.scheduler
         cached_free = bm.num_cached_free_pages
         return {
@@ -384,6 +385,7 @@ class LLMEngine:
             "swapped_in_pages": sched.num_swapped_in_pages,
             "host_pages_used": bm.num_host_pages - len(bm.free_host_pages),
             "compilations": self.num_compilations,
+            "stand_in_steps": self.runner.num_stand_in_steps,
             "running": len(sched.running),
             "waiting": len(sched.waiting),
             "swapped": len(sched.swapped),

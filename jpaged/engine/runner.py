@@ -4,6 +4,11 @@ NOTE: padding buckets. T (tokens), B (sequences) and P (pages per sequence) are 
 few fixed sizes so that, after warm-up, no step compiles again. Padding tokens write into the null
 page 0 and padding sequences have q_len = context_len = 0; their logits are computed and ignored.
 Every compiled variant is counted in `num_compilations`.
+NOTE: stand-ins. With `compile_in_background` (the server turns it on), a step whose bucket is not
+compiled yet runs in the cheapest compiled bucket that holds it (more tokens, sequences or pages
+of padding) while one background thread compiles the exact bucket; later steps use that. So a
+client never waits seconds for XLA, only for some padding. Off by default: offline runs compile
+synchronously, and processes that must run the same program (jax.distributed) never stand in.
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import queue
+import threading
 import time
 
 import jax
@@ -101,6 +108,12 @@ class ModelRunner:
         self.num_sampler_compilations = 0
         self.compile_seconds = 0.0               # spent compiling step buckets
         self.device_wait_seconds = 0.0           # host blocked on the device's results
+        self.compile_in_background = False       # stand in with a compiled bucket (see NOTE)
+        self.num_stand_in_steps = 0              # steps that ran in a larger bucket than theirs
+        self._lock = threading.Lock()            # _steps, _pending and the counters
+        self._pending: set[StepKey] = set()      # queued for the background compiler
+        self._failed: set[StepKey] = set()       # failed there: compile in step, and raise
+        self._compile_queue: queue.Queue | None = None
 
     @property
     def num_compilations(self) -> int:
@@ -110,8 +123,7 @@ class ModelRunner:
         """Apply the step's page moves (swaps, copy-on-write), run the step, and sample;
         `eos_token_ids` are banned for sequences under min_tokens."""
         self.kv_cache = self.pages.apply(out, self.kv_cache)
-        inputs, key = self.prepare_inputs(out.scheduled)
-        fn = self._steps.get(key) or self._compile(key, inputs)
+        fn, key, inputs = self._executable(out.scheduled)
         logits, self.kv_cache = fn(self._step_params(key), self.kv_cache, inputs)
         tensors, flags = build_sampling_tensors(out.scheduled, key.num_seqs, self.vocab_size,
                                                 self.max_model_len, eos_token_ids)
@@ -123,13 +135,25 @@ class ModelRunner:
         self.device_wait_seconds += time.perf_counter() - waiting
         return SamplerOutput(*rows)
 
-    def prepare_inputs(self, scheduled: list[ScheduledSeq]) -> tuple[StepInputs, StepKey]:
+    def bucket(self, scheduled: list[ScheduledSeq]) -> StepKey:
+        """The smallest bucket that holds these sequences."""
         num_seqs = len(scheduled)
-        num_tokens = sum(s.num_new_tokens for s in scheduled)
         decode_only = all(s.num_new_tokens == 1 for s in scheduled)
         b_pad = _pick(self.seq_buckets, num_seqs)
-        t_pad = b_pad if decode_only else _pick(self.token_buckets, num_tokens)
-        p_pad = _pick(self.page_buckets, max(len(s.block_table) for s in scheduled))
+        return StepKey(
+            num_tokens=b_pad if decode_only else _pick(self.token_buckets,
+                                                       sum(s.num_new_tokens for s in scheduled)),
+            num_seqs=b_pad,
+            num_pages=_pick(self.page_buckets, max(len(s.block_table) for s in scheduled)),
+            decode_only=decode_only)
+
+    def prepare_inputs(self, scheduled: list[ScheduledSeq], key: StepKey | None = None
+                       ) -> tuple[StepInputs, StepKey]:
+        """Padded inputs for bucket `key` (default: the smallest that holds them)."""
+        key = key or self.bucket(scheduled)
+        num_seqs = len(scheduled)
+        t_pad, b_pad, p_pad, decode_only = (key.num_tokens, key.num_seqs, key.num_pages,
+                                            key.decode_only)
         token_ids = np.zeros(t_pad, np.int32)
         positions = np.zeros(t_pad, np.int32)
         slot_mapping = np.zeros(t_pad, np.int32)
@@ -151,8 +175,72 @@ class ModelRunner:
         query_start_loc[num_seqs + 1:] = offset
         metadata = AttentionMetadata(block_tables, slot_mapping, context_lens, query_start_loc,
                                      decode_only=decode_only)
-        return (StepInputs(token_ids, positions, metadata),
-                StepKey(num_tokens=t_pad, num_seqs=b_pad, num_pages=p_pad, decode_only=decode_only))
+        return StepInputs(token_ids, positions, metadata), key
+
+    def _executable(self, scheduled: list[ScheduledSeq]):
+        """(compiled step, its bucket, inputs padded to it): the exact bucket when compiled; else
+        a compiled stand-in while the exact one compiles in the background (when enabled); else
+        the exact one, compiled now."""
+        key = self.bucket(scheduled)
+        with self._lock:
+            fn = self._steps.get(key)
+            stand_in = None if fn or not self.compile_in_background or key in self._failed \
+                else self._stand_in(key)
+        inputs, _ = self.prepare_inputs(scheduled, key)
+        if fn is not None:
+            return fn, key, inputs
+        if stand_in is None:
+            return self._compile(key, inputs), key, inputs
+        self._compile_later(key, inputs)
+        self.num_stand_in_steps += 1
+        logger.debug("step bucket %s not compiled yet: running in %s meanwhile", key, stand_in)
+        inputs, _ = self.prepare_inputs(scheduled, stand_in)
+        return self._steps[stand_in], stand_in, inputs
+
+    def _stand_in(self, key: StepKey) -> StepKey | None:
+        """The cheapest compiled bucket that holds `key`'s batch: a decode batch fits a mixed
+        step too (with more padding), a mixed batch only a mixed step."""
+        fits = [k for k in self._steps
+                if k.num_tokens >= key.num_tokens and k.num_seqs >= key.num_seqs
+                and k.num_pages >= key.num_pages and (key.decode_only or not k.decode_only)]
+        return min(fits, default=None, key=lambda k: (not k.decode_only, k.num_tokens,
+                                                      k.num_pages, k.num_seqs))
+
+    def _compile_later(self, key: StepKey, inputs: StepInputs) -> None:
+        with self._lock:
+            if key in self._pending:
+                return
+            self._pending.add(key)
+            if self._compile_queue is None:
+                self._compile_queue = queue.Queue()
+                threading.Thread(target=self._compile_loop, name="jpaged-compiler",
+                                 daemon=True).start()
+        self._compile_queue.put((key, inputs))
+
+    def _compile_loop(self) -> None:
+        while True:
+            key, inputs = self._compile_queue.get()
+            try:
+                self._compile(key, inputs, background=True)
+            except Exception:
+                logger.exception("background compilation of step bucket %s failed; the next "
+                                 "step that needs it compiles it in step (and fails)", key)
+                with self._lock:
+                    self._failed.add(key)
+            finally:
+                with self._lock:
+                    self._pending.discard(key)
+
+    def wait_for_background_compiles(self, timeout: float | None = None) -> bool:
+        """Block until the background compiler is idle; False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return True
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
     def swap_params(self, params) -> None:
         """Replace the weights with a tree of the same layout, so the compiled steps still fit.
@@ -176,16 +264,21 @@ class ModelRunner:
     def _step_params(self, key: StepKey):
         return self._decode_params if key.decode_only else self.params
 
-    def _compile(self, key: StepKey, inputs: StepInputs):
+    def _compile(self, key: StepKey, inputs: StepInputs, background: bool = False):
         start = time.perf_counter()
-        compiled = self._jit_step.lower(self._step_params(key), self.kv_cache, inputs).compile()
-        self._steps[key] = compiled
-        self.num_step_compilations += 1
+        # The cache as a shape: in the background the step thread may donate it meanwhile.
+        cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                             self.kv_cache)
+        compiled = self._jit_step.lower(self._step_params(key), cache, inputs).compile()
         seconds = time.perf_counter() - start
-        self.compile_seconds += seconds
-        logger.info("compiled step #%d for %s batch T=%d B=%d P=%d in %.1fs",
-                    self.num_step_compilations, "decode" if key.decode_only else "mixed",
-                    key.num_tokens, key.num_seqs, key.num_pages, seconds)
+        with self._lock:
+            self._steps[key] = compiled
+            self.num_step_compilations += 1
+            self.compile_seconds += seconds
+            number = self.num_step_compilations
+        logger.info("compiled step #%d for %s batch T=%d B=%d P=%d in %.1fs%s", number,
+                    "decode" if key.decode_only else "mixed", key.num_tokens, key.num_seqs,
+                    key.num_pages, seconds, " (in the background)" if background else "")
         return compiled
 
     def _sample_traced(self, logits, tensors: SamplingTensors, *, flags: SamplerFlags):

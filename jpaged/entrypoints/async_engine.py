@@ -64,6 +64,7 @@ class EngineStats:
     prefix_cache_hits: int = 0
     num_preemptions: int = 0
     num_compilations: int = 0
+    num_stand_in_steps: int = 0         # ran in a larger compiled bucket while theirs compiled
     num_steps: int = 0
 
 
@@ -81,6 +82,7 @@ def engine_stats(engine) -> EngineStats:
         prefix_cache_hits=stats["prefix_cache_hits"],
         num_preemptions=engine.num_preemptions,
         num_compilations=stats["compilations"],
+        num_stand_in_steps=stats["stand_in_steps"],
         num_steps=engine.num_steps)
 
 

@@ -8,8 +8,12 @@ What is compiled (the step and the greedy and random samplers of each batch buck
     `page_buckets` size up to max_model_len);
   - every prefill of one request alone: each (T, P) that a prompt of 1 .. min(max_model_len - 1,
     max_num_batched_tokens) tokens maps to.
-NOTE: mixed batches (prefill chunks beside running decodes, B > 1) span a T x B x P grid too large
-to compile up front; they compile on first use and the engine logs each one.
+  - stand-ins for mixed batches (prefill chunks beside running decodes): the largest batch bucket
+    at each power-of-two token bucket, with the widest block table and each power-of-four
+    width from 4 pages.
+NOTE: mixed batches span a T x B x P grid too large to compile up front. The server runs a mixed
+batch whose bucket is not compiled yet in the cheapest stand-in that holds it, while its own
+bucket compiles in the background (ModelRunner.compile_in_background), so no client waits on XLA.
 NOTE: the warm-up runs real steps on fake sequences whose block tables point only at the null
 page 0, which absorbs their KV writes; no usable page is touched.
 """
@@ -44,31 +48,43 @@ def warmup_plan(runner, max_model_len: int, max_num_batched_tokens: int
         longest[(_pick(runner.token_buckets, length),
                  _pick(runner.page_buckets, -(-length // page_size)))] = length
     plan += [("prefill", 1, length, -(-length // page_size)) for length in longest.values()]
-    return plan
+    batch = runner.seq_buckets[-1]
+    if batch > 1:
+        widths = sorted({p for p in pages if p >= 4 and p & (p - 1) == 0 and p.bit_length() % 2}
+                        | {pages[-1]})
+        tokens = [t for t in runner.token_buckets if t > batch and t & (t - 1) == 0]
+        plan += [("mixed", batch, t, p) for p in widths for t in tokens + [runner.token_buckets[-1]]
+                 if -(-t // batch) <= p * page_size]
+    return list(dict.fromkeys(plan))
 
 
-def _fake_batch(batch: int, new_tokens: int, pages: int, page_size: int,
+def _fake_batch(kind: str, batch: int, new_tokens: int, pages: int, page_size: int,
                 params: SamplingParams) -> SchedulerOutput:
-    context = new_tokens if new_tokens > 1 else pages * page_size
-    token_ids = [0] * context
-    seqs = [ScheduledSeq(seq_id=-1 - i, request_id=f"warmup-{i}",
-                         num_computed_tokens=context - new_tokens, num_new_tokens=new_tokens,
-                         token_ids=token_ids, num_prompt_tokens=context - 1,
-                         block_table=(0,) * pages, params=params, seed=0)
-            for i in range(batch)]
-    return SchedulerOutput(seqs, [])
+    """`batch` sequences of `new_tokens` each; "mixed": `new_tokens` in all, spread over the
+    `batch` sequences (so at least one brings a chunk of several)."""
+    def seq(i: int, new: int) -> ScheduledSeq:
+        context = pages * page_size if kind != "prefill" else new
+        return ScheduledSeq(seq_id=-1 - i, request_id=f"warmup-{i}",
+                            num_computed_tokens=context - new, num_new_tokens=new,
+                            token_ids=[0] * context, num_prompt_tokens=context - 1,
+                            block_table=(0,) * pages, params=params, seed=0)
+    if kind == "mixed":
+        return SchedulerOutput([seq(i, new_tokens // batch + (i < new_tokens % batch))
+                                for i in range(batch)], [])
+    return SchedulerOutput([seq(i, new_tokens) for i in range(batch)], [])
 
 
-def warm_up(engine) -> int:
-    """Run the plan's steps on `engine` (before it serves); returns the compilations it caused."""
+def warm_up(engine, plan: list[tuple[str, int, int, int]] | None = None) -> int:
+    """Run `plan`'s steps (default: warmup_plan's) on `engine` before it serves; returns the
+    compilations it caused."""
     runner, config = engine.runner, engine.config
     before, start = engine.num_compilations, time.perf_counter()
-    plan = warmup_plan(runner, engine.max_model_len, config.max_num_batched_tokens)
-    logger.info("warm-up: compiling %d step buckets (decode B x P, single-request prefill T x P)",
-                len(plan))
+    plan = plan or warmup_plan(runner, engine.max_model_len, config.max_num_batched_tokens)
+    logger.info("warm-up: compiling %d step buckets (decode B x P, single-request prefill T x P, "
+                "mixed-batch stand-ins)", len(plan))
     for i, (kind, batch, new_tokens, pages) in enumerate(plan):
         for params in (_GREEDY, _RANDOM) if kind == "decode" else (_GREEDY,):
-            runner.execute(_fake_batch(batch, new_tokens, pages, runner.page_size, params),
+            runner.execute(_fake_batch(kind, batch, new_tokens, pages, runner.page_size, params),
                            engine.eos_token_ids)
         if (i + 1) % 20 == 0:
             logger.info("warm-up: %d/%d buckets (%.0fs)", i + 1, len(plan),

@@ -9,6 +9,7 @@ import pytest
 from jpaged import LLM, SamplingParams
 from jpaged.engine.engine import EngineConfig, LLMEngine
 from jpaged.checkpoint.loader import load_checkpoint
+from jpaged.entrypoints.warmup import warm_up
 
 
 def make_engine(path, **kwargs) -> LLMEngine:
@@ -89,6 +90,36 @@ def test_compilation_count_stays_flat_after_warmup(tiny_llama_dir, backend_compi
     run_to_completion(engine, {0: [("long", long_prompt, SamplingParams(max_tokens=2))]})
     assert max(key.num_pages for key in engine.runner._steps) > widest
     assert engine.num_compilations > warm and backend_compiles.count > warm_xla
+    assert_all_pages_free(engine)
+
+
+def test_uncompiled_bucket_runs_in_a_stand_in_while_it_compiles_in_the_background(
+        tiny_llama_dir, tiny_llama_hf, hf_greedy):
+    """The server's mode: no step waits on XLA once a bucket that holds it is compiled."""
+    # No prefix cache: the second run below must meet exactly the first one's shapes.
+    engine = make_engine(tiny_llama_dir, num_pages=64, enable_prefix_caching=False)
+    runner = engine.runner
+    widest = runner.page_buckets[-1]
+    # Only the largest buckets (what `jpaged serve`'s warm-up compiles as stand-ins), as
+    # (kind, sequences, tokens per sequence or in all, pages) entries of warmup_plan.
+    warm_up(engine, [("decode", 4, 1, widest), ("mixed", 4, 32, widest)])
+    compiled = set(runner._steps)
+    assert len(compiled) == 2
+    runner.compile_in_background = True
+    prompts = random_prompts(3, seed=8, low=5, high=12)     # smaller buckets than those
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    outputs = run_to_completion(engine, {0: [(f"s{i}", {"prompt_token_ids": p}, params)
+                                             for i, p in enumerate(prompts)]})
+    assert runner.num_stand_in_steps > 0
+    assert runner.wait_for_background_compiles(timeout=120)
+    new = set(runner._steps) - compiled
+    assert new, "the exact buckets were compiled in the background"
+    for i, prompt in enumerate(prompts):       # padding to the stand-in changes no token
+        assert outputs[f"s{i}"].outputs[0].token_ids == hf_greedy(tiny_llama_hf, prompt, 8)
+    stand_ins = runner.num_stand_in_steps
+    run_to_completion(engine, {0: [(f"again{i}", {"prompt_token_ids": p}, params)
+                                   for i, p in enumerate(prompts)]})
+    assert runner.num_stand_in_steps == stand_ins          # the same shapes now have their own
     assert_all_pages_free(engine)
 
 

@@ -50,6 +50,8 @@ class ServerMetrics:
         self.prefix_queries = counter("prefix_cache_queries", "Pages looked up in the prefix cache.")
         self.prefix_hits = counter("prefix_cache_hits", "Pages served by the prefix cache.")
         self.preemptions = counter("num_preemptions", "Sequences preempted.")
+        self.stand_ins = counter("num_stand_in_steps", "Steps run in a larger compiled bucket "
+                                 "while their own compiled in the background.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
         self.request_success = Counter("jpaged:request_success", "Finished sequences by finish reason.",
@@ -74,6 +76,7 @@ class ServerMetrics:
         self.prefix_queries.inc(max(0, stats.prefix_cache_queries - last.prefix_cache_queries))
         self.prefix_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))
         self.preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
+        self.stand_ins.inc(max(0, stats.num_stand_in_steps - last.num_stand_in_steps))
         self._last = stats
 
     def on_output(self, times: RequestTimes) -> None:

@@ -53,7 +53,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for the batch; past that: 503")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--warmup", choices=["full", "none"], default="full",
-                        help="compile the decode and single-prefill buckets before serving")
+                        help="compile the decode, single-prefill and mixed stand-in buckets before serving")
     parser.add_argument("--shutdown-timeout", type=float, default=3.0,
                         help="seconds requests in flight may finish after SIGINT/SIGTERM")
     parser.add_argument("--log-level", default="info")
@@ -80,6 +80,9 @@ def run_server(args: argparse.Namespace) -> int:
     engine = llm.llm_engine
     if args.warmup == "full":
         warm_up(engine)               # the same steps on every process (deterministic plan)
+    # A bucket first met while serving runs in a compiled stand-in and compiles in the background;
+    # processes that must all run the same program (jax.distributed) compile in step instead.
+    engine.runner.compile_in_background = engine.call_log is None
     if engine.call_log is not None and not engine.call_log.is_leader:
         logger.info("process %d: following process 0's steps (it serves HTTP)", args.process_id)
         engine.run_follower()
