@@ -6,9 +6,11 @@ page 0 and padding sequences have q_len = context_len = 0; their logits are comp
 Every compiled variant is counted in `num_compilations`.
 NOTE: stand-ins. With `compile_in_background` (the server turns it on), a step whose bucket is not
 compiled yet runs in the cheapest compiled bucket that holds it (more tokens, sequences or pages
-of padding) while one background thread compiles the exact bucket; later steps use that. So a
-client never waits seconds for XLA, only for some padding. Off by default: offline runs compile
-synchronously, and processes that must run the same program (jax.distributed) never stand in.
+of padding). A stand-in with at most twice the tokens and pages is kept for that bucket for good
+(on this CPU the padding costs less than the 1-3 s of a core that compiling would take while
+serving); a larger one serves only while one background thread compiles the exact bucket. So a
+client never waits seconds for XLA. Off by default: offline runs compile synchronously, and
+processes that must run the same program (jax.distributed) never stand in.
 """
 
 from __future__ import annotations
@@ -112,6 +114,7 @@ class ModelRunner:
         self.num_stand_in_steps = 0              # steps that ran in a larger bucket than theirs
         self._lock = threading.Lock()            # _steps, _pending and the counters
         self._pending: set[StepKey] = set()      # queued for the background compiler
+        self._kept: dict[StepKey, StepKey] = {}  # bucket -> its stand-in for good (see NOTE)
         self._failed: set[StepKey] = set()       # failed there: compile in step, and raise
         self._compile_queue: queue.Queue | None = None
 
@@ -179,21 +182,22 @@ class ModelRunner:
 
     def _executable(self, scheduled: list[ScheduledSeq]):
         """(compiled step, its bucket, inputs padded to it): the exact bucket when compiled; else
-        a compiled stand-in while the exact one compiles in the background (when enabled); else
-        the exact one, compiled now."""
+        (when compile_in_background) a compiled stand-in, kept or while the exact one compiles in
+        the background (see NOTE); else the exact one, compiled now."""
         key = self.bucket(scheduled)
         with self._lock:
             fn = self._steps.get(key)
             stand_in = None if fn or not self.compile_in_background or key in self._failed \
-                else self._stand_in(key)
-        inputs, _ = self.prepare_inputs(scheduled, key)
-        if fn is not None:
-            return fn, key, inputs
-        if stand_in is None:
-            return self._compile(key, inputs), key, inputs
-        self._compile_later(key, inputs)
+                else self._kept.get(key) or self._stand_in(key)
+        if fn is not None or stand_in is None:
+            inputs, _ = self.prepare_inputs(scheduled, key)
+            return fn or self._compile(key, inputs), key, inputs
+        if stand_in.num_tokens <= 2 * key.num_tokens and stand_in.num_pages <= 2 * key.num_pages:
+            self._kept[key] = stand_in
+        else:
+            self._compile_later(key, self.prepare_inputs(scheduled, key)[0])
         self.num_stand_in_steps += 1
-        logger.debug("step bucket %s not compiled yet: running in %s meanwhile", key, stand_in)
+        logger.debug("step bucket %s not compiled: running in %s", key, stand_in)
         inputs, _ = self.prepare_inputs(scheduled, stand_in)
         return self._steps[stand_in], stand_in, inputs
 

@@ -9,11 +9,11 @@ What is compiled (the step and the greedy and random samplers of each batch buck
   - every prefill of one request alone: each (T, P) that a prompt of 1 .. min(max_model_len - 1,
     max_num_batched_tokens) tokens maps to.
   - stand-ins for mixed batches (prefill chunks beside running decodes): the largest batch bucket
-    at each power-of-two token bucket, with the widest block table and each power-of-four
-    width from 4 pages.
+    at each power-of-two token count and power-of-two block-table width (and the largest of
+    each), so every mixed batch has one with at most twice its tokens and pages.
 NOTE: mixed batches span a T x B x P grid too large to compile up front. The server runs a mixed
-batch whose bucket is not compiled yet in the cheapest stand-in that holds it, while its own
-bucket compiles in the background (ModelRunner.compile_in_background), so no client waits on XLA.
+batch whose bucket is not compiled in the cheapest stand-in that holds it
+(ModelRunner.compile_in_background), so no client waits on XLA.
 NOTE: the warm-up runs real steps on fake sequences whose block tables point only at the null
 page 0, which absorbs their KV writes; no usable page is touched.
 """
@@ -50,8 +50,7 @@ def warmup_plan(runner, max_model_len: int, max_num_batched_tokens: int
     plan += [("prefill", 1, length, -(-length // page_size)) for length in longest.values()]
     batch = runner.seq_buckets[-1]
     if batch > 1:
-        widths = sorted({p for p in pages if p >= 4 and p & (p - 1) == 0 and p.bit_length() % 2}
-                        | {pages[-1]})
+        widths = sorted({p for p in pages if p & (p - 1) == 0} | {pages[-1]})
         tokens = [t for t in runner.token_buckets if t > batch and t & (t - 1) == 0]
         plan += [("mixed", batch, t, p) for p in widths for t in tokens + [runner.token_buckets[-1]]
                  if -(-t // batch) <= p * page_size]

@@ -9,7 +9,7 @@ import pytest
 from jpaged import LLM, SamplingParams
 from jpaged.engine.engine import EngineConfig, LLMEngine
 from jpaged.checkpoint.loader import load_checkpoint
-from jpaged.entrypoints.warmup import warm_up
+from jpaged.entrypoints.warmup import warm_up, warmup_plan
 
 
 def make_engine(path, **kwargs) -> LLMEngine:
@@ -99,27 +99,30 @@ def test_uncompiled_bucket_runs_in_a_stand_in_while_it_compiles_in_the_backgroun
     # No prefix cache: the second run below must meet exactly the first one's shapes.
     engine = make_engine(tiny_llama_dir, num_pages=64, enable_prefix_caching=False)
     runner = engine.runner
-    widest = runner.page_buckets[-1]
-    # Only the largest buckets (what `jpaged serve`'s warm-up compiles as stand-ins), as
-    # (kind, sequences, tokens per sequence or in all, pages) entries of warmup_plan.
-    warm_up(engine, [("decode", 4, 1, widest), ("mixed", 4, 32, widest)])
+    # What `jpaged serve` warms as mixed-batch stand-ins, and one decode bucket: the widest.
+    plan = [entry for entry in warmup_plan(runner, engine.max_model_len, 32) if entry[0] == "mixed"]
+    warm_up(engine, plan + [("decode", 4, 1, runner.page_buckets[-1])])
     compiled = set(runner._steps)
-    assert len(compiled) == 2
     runner.compile_in_background = True
-    prompts = random_prompts(3, seed=8, low=5, high=12)     # smaller buckets than those
+    prompts = random_prompts(3, seed=8, low=5, high=40)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     outputs = run_to_completion(engine, {0: [(f"s{i}", {"prompt_token_ids": p}, params)
                                              for i, p in enumerate(prompts)]})
     assert runner.num_stand_in_steps > 0
     assert runner.wait_for_background_compiles(timeout=120)
     new = set(runner._steps) - compiled
-    assert new, "the exact buckets were compiled in the background"
-    for i, prompt in enumerate(prompts):       # padding to the stand-in changes no token
+    # Decodes stood in with 32 pages for 2-11: their buckets compiled in the background. Mixed
+    # steps had stand-ins with at most twice their tokens and pages: kept, nothing compiled.
+    assert new and all(key.decode_only for key in new)
+    assert runner._kept and not any(key.decode_only for key in runner._kept)
+    for i, prompt in enumerate(prompts):       # padding to the stand-ins changes no token
         assert outputs[f"s{i}"].outputs[0].token_ids == hf_greedy(tiny_llama_hf, prompt, 8)
-    stand_ins = runner.num_stand_in_steps
-    run_to_completion(engine, {0: [(f"again{i}", {"prompt_token_ids": p}, params)
-                                   for i, p in enumerate(prompts)]})
-    assert runner.num_stand_in_steps == stand_ins          # the same shapes now have their own
+    compiled = set(runner._steps)
+    again = run_to_completion(engine, {0: [(f"again{i}", {"prompt_token_ids": p}, params)
+                                           for i, p in enumerate(prompts)]})
+    assert runner.wait_for_background_compiles(timeout=120) and set(runner._steps) == compiled
+    assert [again[f"again{i}"].outputs[0].token_ids for i in range(3)] == \
+        [outputs[f"s{i}"].outputs[0].token_ids for i in range(3)]
     assert_all_pages_free(engine)
 
 
