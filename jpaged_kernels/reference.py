@@ -25,6 +25,9 @@ _MASK_VALUE = -1e30
 _CHUNK_ELEMENTS = 1 << 23
 # Largest window of new tokens of one sequence that attends as one matrix product (ragged path).
 _MAX_WINDOW = 128
+# Windows with at most this many query rows per KV head (decode: the G heads of a group) attend by
+# broadcast multiply and sum instead of matrix products (see _attend's NOTE).
+_ELEMENTWISE_ROWS = 8
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, layer=None,
@@ -146,12 +149,27 @@ def _attend(qw, k_pages, v_pages, layer, tables, row_pos, row_valid, *, scale, s
                                        pages_per_seq)
     chunk_len = pages_per_chunk * page_size
 
+    # NOTE: few rows (decode). A [R, H] x [H, C] product per (window, KV head) is too small for a
+    # matrix kernel; as a broadcast multiply and sum over H (and over C for p x V), XLA fuses the
+    # page gather into the reduction, so K and V are read from the pages once, never copied.
+    elementwise = rows <= _ELEMENTWISE_ROWS
+
+    def qk(k):
+        if elementwise:
+            return (qw[:, :, :, None, :] * k[:, :, None, :, :].astype(jnp.float32)).sum(-1)
+        return jnp.einsum("WKRH,WKCH->WKRC", qw, k.astype(jnp.float32))
+
+    def pv(p, v):
+        if elementwise:
+            return (p[..., None] * v[:, :, None, :, :].astype(jnp.float32)).sum(3)
+        return jnp.einsum("WKRC,WKCH->WKRH", p, v.astype(jnp.float32))
+
     def scores(chunk):
         """Masked scores of every row against one chunk of its window's pages, and that chunk's V."""
         pages = jax.lax.dynamic_slice_in_dim(tables, chunk * pages_per_chunk, pages_per_chunk,
                                              axis=1)                                 # [W, ppc]
         k = _gather_pages(k_pages, layer, pages)                                   # [W, K, C, H]
-        s = jnp.einsum("WKRH,WKCH->WKRC", qw, k.astype(jnp.float32))
+        s = qk(k)
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         kv_pos = chunk * chunk_len + jnp.arange(chunk_len, dtype=jnp.int32)        # [C]
@@ -169,7 +187,7 @@ def _attend(qw, k_pages, v_pages, layer, tables, row_pos, row_valid, *, scale, s
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         correction = jnp.exp(m - m_new)
         l = l * correction + p.sum(axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("WKRC,WKCH->WKRH", p, v.astype(jnp.float32))
+        acc = acc * correction[..., None] + pv(p, v)
         return (m_new, l, acc), None
 
     num_chunks = pages_per_seq // pages_per_chunk
@@ -177,7 +195,7 @@ def _attend(qw, k_pages, v_pages, layer, tables, row_pos, row_valid, *, scale, s
         s, v, mask = scores(0)
         p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
         l = p.sum(axis=-1)
-        acc = jnp.einsum("WKRC,WKCH->WKRH", p, v.astype(jnp.float32))
+        acc = pv(p, v)
     else:
         init = (jnp.full((num_win, num_kv_heads, rows), _MASK_VALUE, jnp.float32),
                 jnp.zeros((num_win, num_kv_heads, rows), jnp.float32),
