@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -112,7 +113,10 @@ class LLMEngine:
         fns = self.parallel.wrap_attention(self.attention.fns) if self.parallel else self.attention.fns
         model = CausalLM(run_config, self.dtype, fns)
         params = self.parallel.shard_params(checkpoint.params) if self.parallel else checkpoint.params
-        kv_cache = self._zeros_cache(num_pages)
+        # NOTE: start-up. Zero-filling the KV pool (GiBs on CPU) is bound by page faults; it runs
+        # on a thread while this one lays out the weights (ModelRunner), so the two overlap.
+        allocator = ThreadPoolExecutor(1, thread_name_prefix="jpaged-kv-alloc")
+        kv_cache = allocator.submit(self._zeros_cache, num_pages)
         page_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype)
         num_host_pages = int(config.swap_space * _GIB // page_bytes) \
             if config.preemption_mode == "swap" else 0
@@ -125,6 +129,7 @@ class LLMEngine:
                                   max_model_len=self.max_model_len, num_host_pages=num_host_pages,
                                   shardings=self.parallel.step_shardings(params)
                                   if self.parallel else None)
+        allocator.shutdown()
         self.output_processor = OutputProcessor(self.tokenizer, tuple(checkpoint.eos_token_ids),
                                                 self.max_model_len)
         # NOTE: threads. add_request and abort_request may be called from any thread (a server's

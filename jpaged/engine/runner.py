@@ -21,6 +21,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future
 
 import jax
 import numpy as np
@@ -74,10 +75,11 @@ def _pick(buckets: list[int], n: int) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, params, kv_cache: KVCache, *, max_num_seqs: int,
+    def __init__(self, model: CausalLM, params, kv_cache: KVCache | Future, *, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, num_host_pages: int = 0,
                  shardings: tuple | None = None):
-        """`shardings`: (in_shardings, out_shardings) of the step under tensor parallelism
+        """`kv_cache` may still be being allocated (a Future, resolved after the weights are
+        laid out). `shardings`: (in_shardings, out_shardings) of the step under tensor parallelism
         (TensorParallel.step_shardings), so the donated cache keeps its sharding step after step."""
         self.model = model
         # NOTE: on one CPU device, decode steps get the layer matmul weights split per layer so
@@ -89,7 +91,7 @@ class ModelRunner:
             for leaf in jax.tree.leaves(params))
         self.params = params
         self._decode_params = split_layer_weights(params) if self._split_layers else params
-        self.kv_cache = kv_cache
+        self.kv_cache = kv_cache = kv_cache.result() if isinstance(kv_cache, Future) else kv_cache
         self.page_size = kv_cache.page_size
         self.vocab_size = model.config.vocab_size
         self.max_model_len = max_model_len
