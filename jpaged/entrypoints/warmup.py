@@ -3,7 +3,7 @@
 With JAX's persistent compilation cache on (the engine turns it on), a restart loads these
 executables from disk instead of compiling them again.
 
-What is compiled (the step and the greedy and random samplers of each batch bucket):
+What is compiled (the step of each bucket, and _SAMPLERS' variants for each batch size):
   - every decode bucket: batch B (each `seq_buckets` size) x block-table width P (each
     `page_buckets` size up to max_model_len);
   - every prefill of one request alone: each (T, P) that a prompt of 1 .. min(max_model_len - 1,
@@ -30,6 +30,12 @@ logger = logging.getLogger("jpaged")
 
 _GREEDY = SamplingParams(temperature=0.0, max_tokens=1)
 _RANDOM = SamplingParams(temperature=1.0, max_tokens=1)
+# The sampler variants compiled for every batch bucket: greedy and random, each with and without
+# min_tokens' EOS ban (the fake rows have 1 output token), and top-p (what OpenAI clients send
+# most).
+_SAMPLERS = (_GREEDY, SamplingParams(temperature=0.0, max_tokens=2, min_tokens=2), _RANDOM,
+             SamplingParams(temperature=1.0, max_tokens=2, min_tokens=2),
+             SamplingParams(temperature=1.0, top_p=0.9, max_tokens=1))
 
 
 def _pick(buckets: list[int], n: int) -> int:
@@ -81,10 +87,12 @@ def warm_up(engine, plan: list[tuple[str, int, int, int]] | None = None) -> int:
     plan = plan or warmup_plan(runner, engine.max_model_len, config.max_num_batched_tokens)
     logger.info("warm-up: compiling %d step buckets (decode B x P, single-request prefill T x P, "
                 "mixed-batch stand-ins)", len(plan))
+    sampled = set()                  # batch buckets whose sampler variants are compiled
     for i, (kind, batch, new_tokens, pages) in enumerate(plan):
-        for params in (_GREEDY, _RANDOM) if kind == "decode" else (_GREEDY,):
+        for params in (_GREEDY,) if batch in sampled else _SAMPLERS:
             runner.execute(_fake_batch(kind, batch, new_tokens, pages, runner.page_size, params),
                            engine.eos_token_ids)
+        sampled.add(batch)
         if (i + 1) % 20 == 0:
             logger.info("warm-up: %d/%d buckets (%.0fs)", i + 1, len(plan),
                         time.perf_counter() - start)
