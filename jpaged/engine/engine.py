@@ -113,10 +113,6 @@ class LLMEngine:
         fns = self.parallel.wrap_attention(self.attention.fns) if self.parallel else self.attention.fns
         model = CausalLM(run_config, self.dtype, fns)
         params = self.parallel.shard_params(checkpoint.params) if self.parallel else checkpoint.params
-        # NOTE: start-up. Zero-filling the KV pool (GiBs on CPU) is bound by page faults; it runs
-        # on a thread while this one lays out the weights (ModelRunner), so the two overlap.
-        allocator = ThreadPoolExecutor(1, thread_name_prefix="jpaged-kv-alloc")
-        kv_cache = allocator.submit(self._zeros_cache, num_pages)
         page_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype)
         num_host_pages = int(config.swap_space * _GIB // page_bytes) \
             if config.preemption_mode == "swap" else 0
@@ -124,12 +120,15 @@ class LLMEngine:
                                           num_host_pages)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.preemption_mode)
-        self.runner = ModelRunner(model, params, kv_cache, max_num_seqs=config.max_num_seqs,
-                                  max_num_batched_tokens=config.max_num_batched_tokens,
-                                  max_model_len=self.max_model_len, num_host_pages=num_host_pages,
-                                  shardings=self.parallel.step_shardings(params)
-                                  if self.parallel else None)
-        allocator.shutdown()
+        # NOTE: start-up. Zero-filling the KV pool (GiBs on CPU) is bound by page faults; it runs
+        # on a thread while this one lays out the weights (ModelRunner), so the two overlap.
+        with ThreadPoolExecutor(1, thread_name_prefix="jpaged-kv-alloc") as allocator:
+            self.runner = ModelRunner(model, params, allocator.submit(self._zeros_cache, num_pages),
+                                      max_num_seqs=config.max_num_seqs,
+                                      max_num_batched_tokens=config.max_num_batched_tokens,
+                                      max_model_len=self.max_model_len, num_host_pages=num_host_pages,
+                                      shardings=self.parallel.step_shardings(params)
+                                      if self.parallel else None)
         self.output_processor = OutputProcessor(self.tokenizer, tuple(checkpoint.eos_token_ids),
                                                 self.max_model_len)
         # NOTE: threads. add_request and abort_request may be called from any thread (a server's

@@ -82,16 +82,16 @@ class ModelRunner:
         laid out). `shardings`: (in_shardings, out_shardings) of the step under tensor parallelism
         (TensorParallel.step_shardings), so the donated cache keeps its sharding step after step."""
         self.model = model
-        # NOTE: on one CPU device, steps get the layer matmul weights split per layer so they read
-        # them in place instead of copying a dynamic slice each layer (split_layer_weights; one
-        # more copy of the weights in memory). Measured here: decode steps at the copy floor
-        # instead of 2x it; mixed steps of 32-128 tokens 45-65 ms faster, equal at 256; the same
-        # compile time. `self.params` keeps the checkpoint's layout (update_params checks it).
+        # NOTE: on one CPU device, the layer matmul weights are split per layer so every step reads
+        # them in place instead of copying a dynamic slice each layer (split_layer_weights).
+        # Measured here: decode steps at the copy floor instead of 2x it; mixed steps of 32-128
+        # tokens 45-65 ms faster, equal at 256; the same compile time. Only the checkpoint
+        # layout's shapes are kept (`_layout`, what update_params must match), not its arrays.
         self._split_layers = shardings is None and all(
             isinstance(leaf, jax.Array) and {d.platform for d in leaf.devices()} == {"cpu"}
             for leaf in jax.tree.leaves(params))
-        self.params = params
-        self._step_weights = split_layer_weights(params) if self._split_layers else params
+        self._layout = _shapes(params)
+        self.params = split_layer_weights(params) if self._split_layers else params
         self.kv_cache = kv_cache = kv_cache.result() if isinstance(kv_cache, Future) else kv_cache
         self.page_size = kv_cache.page_size
         self.vocab_size = model.config.vocab_size
@@ -130,7 +130,7 @@ class ModelRunner:
         `eos_token_ids` are banned for sequences under min_tokens."""
         self.kv_cache = self.pages.apply(out, self.kv_cache)
         fn, key, inputs = self._executable(out.scheduled)
-        logits, self.kv_cache = fn(self._step_weights, self.kv_cache, inputs)
+        logits, self.kv_cache = fn(self.params, self.kv_cache, inputs)
         tensors, flags = build_sampling_tensors(out.scheduled, key.num_seqs, self.vocab_size,
                                                 self.max_model_len, eos_token_ids)
         tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, tensors, flags=flags)
@@ -254,7 +254,7 @@ class ModelRunner:
 
         NumPy leaves are placed like the leaves they replace; jax.Array leaves must already be.
         """
-        current, treedef = jax.tree_util.tree_flatten_with_path(self.params)
+        current, treedef = jax.tree_util.tree_flatten_with_path(self._layout)
         new, new_treedef = jax.tree_util.tree_flatten_with_path(params)
         if new_treedef != treedef:
             old_paths = {jax.tree_util.keystr(p) for p, _ in current}
@@ -263,17 +263,15 @@ class ModelRunner:
                              f"{sorted(old_paths - new_paths)[:4]}, unexpected "
                              f"{sorted(new_paths - old_paths)[:4]}; pass the same tree as the "
                              f"loaded checkpoint's params (jpaged.load gives it)")
-        self.params = jax.tree.unflatten(treedef, [
+        placed = jax.tree.unflatten(treedef, [
             _same_layout(jax.tree_util.keystr(path), old, leaf)
             for (path, old), (_, leaf) in zip(current, new)])
-        self._step_weights = split_layer_weights(self.params) if self._split_layers else self.params
+        self.params = split_layer_weights(placed) if self._split_layers else placed
 
     def _compile(self, key: StepKey, inputs: StepInputs, background: bool = False):
         start = time.perf_counter()
         # The cache as a shape: in the background the step thread may donate it meanwhile.
-        cache = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                             self.kv_cache)
-        compiled = self._jit_step.lower(self._step_weights, cache, inputs).compile()
+        compiled = self._jit_step.lower(self.params, _shapes(self.kv_cache), inputs).compile()
         seconds = time.perf_counter() - start
         with self._lock:
             self._steps[key] = compiled
@@ -290,12 +288,17 @@ class ModelRunner:
         return sample(logits, tensors, flags=flags)
 
 
+def _shapes(tree):
+    """`tree`'s arrays as shapes (ShapeDtypeStructs with their shardings)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def _local(x: jax.Array) -> jax.Array:
     """A replicated result that spans several processes (jax.distributed): this process's copy."""
     return x if x.is_fully_addressable else x.addressable_data(0)
 
 
-def _same_layout(path: str, old: jax.Array, leaf) -> jax.Array:
+def _same_layout(path: str, old: jax.ShapeDtypeStruct, leaf) -> jax.Array:
     """`leaf` as a jax.Array laid out like `old`, or a ValueError naming the difference."""
     shape, dtype = tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", type(leaf))
     if shape != old.shape or dtype != old.dtype:
