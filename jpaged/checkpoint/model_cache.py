@@ -3,8 +3,9 @@
 NOTE: the key is the file's SHA-256 (not its path or mtime) and the params dtype:
 `<cache>/models/<stem>-<sha256[:16]>-<dtype>/` holds a jpaged checkpoint (jpaged_config.json,
 config.json, tokenizer files) whose params are one safetensors file, params.safetensors, rather
-than Orbax's params/: it loads several times faster, and `LLM(entry)` reads either form. It is written into a temporary sibling directory and renamed into
-place, so a crash or a concurrent writer never leaves a half-written entry under the final name.
+than Orbax's params/: it loads several times faster, and `LLM(entry)` reads either form. It is
+written into a temporary sibling directory and renamed into place, so a crash or a concurrent
+writer never leaves a half-written entry under the final name.
 See jpaged/cache_dirs.py for the place and for $JPAGED_MODEL_CACHE_DIR=off.
 """
 

@@ -119,12 +119,11 @@ def preview(names: list[str], limit: int = 8) -> str:
 
 
 def save_params(path: Path, params: dict) -> None:
+    """An Orbax checkpoint of the params pytree (what `jpaged convert` writes)."""
     import orbax.checkpoint as ocp
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path.resolve(), params)
     checkpointer.wait_until_finished()
-
-
 
 
 PARAMS_FILE = "params.safetensors"

@@ -53,7 +53,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests that may wait for the batch; past that: 503")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
     parser.add_argument("--warmup", choices=["full", "none"], default="full",
-                        help="compile the decode, single-prefill and mixed stand-in buckets before serving")
+                        help="compile the decode, single-prefill and mixed stand-in buckets "
+                             "before serving")
     parser.add_argument("--shutdown-timeout", type=float, default=3.0,
                         help="seconds requests in flight may finish after SIGINT/SIGTERM")
     parser.add_argument("--log-level", default="info")
