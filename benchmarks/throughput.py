@@ -168,26 +168,29 @@ def run_jpaged(args) -> dict:
     llm.generate(requests, params, use_tqdm=False)               # warm-up: compiles the buckets
     warmup_s = time.perf_counter() - start
     llm.reset_prefix_cache()                  # the timed run must not reuse the warm-up's prompts
-    compilations = engine.num_compilations
-    before, cached_before = engine.time_breakdown(), engine.num_cached_tokens
+    before = llm.stats()
     start = time.perf_counter()
     outputs = llm.generate(requests, params, use_tqdm=True)
     elapsed = time.perf_counter() - start
-    after = engine.time_breakdown()
+    after = llm.stats()
     result = summarize(prompts, outputs, elapsed, lambda o: o.outputs[0].token_ids)
-    result["time_breakdown_s"] = {k: after[k] - before[k] for k in after}
-    result["prefix_cached_tokens"] = engine.num_cached_tokens - cached_before
-    result.update(warmup_s=warmup_s, recompilations_after_warmup=engine.num_compilations - compilations,
-                  attention_backend=engine.attention.name, kv_pages=engine.block_manager.num_pages,
-                  peak_kv_pages_used=engine.peak_pages_used, device=jax.devices()[0].device_kind,
-                  weight_bytes=int(sum(x.nbytes for x in jax.tree.leaves(engine.runner.params))))
+    result["time_breakdown_s"] = {
+        name: getattr(after, field) - getattr(before, field) for name, field in (
+            ("steps", "step_seconds"), ("compile", "compile_seconds"),
+            ("device_wait", "device_wait_seconds"), ("host", "host_seconds"))}
+    result["prefix_cached_tokens"] = after.num_cached_tokens - before.num_cached_tokens
+    result.update(warmup_s=warmup_s,
+                  recompilations_after_warmup=after.num_compilations - before.num_compilations,
+                  attention_backend=engine.attention.name, kv_pages=after.kv_pages_total + 1,
+                  peak_kv_pages_used=after.peak_kv_pages_used, device=jax.devices()[0].device_kind,
+                  weight_bytes=int(sum(x.nbytes for x in jax.tree.leaves(engine.params))))
     if args.batch1_tokens:
         result["batch1_ms_per_token"] = _jpaged_batch1(llm, prompts[0], args.batch1_tokens)
     if args.ttft_tokens:
         result["ttft_s"] = min_time(lambda: llm.generate(
             [{"prompt_token_ids": ttft_prompt(args)}], SamplingParams(temperature=0, max_tokens=1),
             use_tqdm=False), before=llm.reset_prefix_cache)
-    assert engine.block_manager.all_free()
+    assert llm.stats().kv_pages_used == 0
     return result
 
 
@@ -200,7 +203,7 @@ def run_generate(args) -> dict:
 
     import jpaged
     from jpaged.checkpoint.loader import default_model_path
-    from jpaged.models.llama import CausalLM
+    from jpaged.models import CausalLM, arrange_layers
 
     if args.random_weights:
         from jpaged.models.random_weights import random_checkpoint
@@ -208,9 +211,7 @@ def run_generate(args) -> dict:
         model, params, tokenizer = CausalLM(checkpoint.config, args.dtype), checkpoint.params, None
     else:
         model, params, tokenizer = jpaged.load(args.model or default_model_path(), dtype=args.dtype)
-    if jax.devices()[0].platform == "cpu":     # the engine's CPU layout: layer weights read in place
-        from jpaged.models.llama import split_layer_weights
-        params = split_layer_weights(params)
+    params = arrange_layers(params)            # per layer on a CPU device, as the engine runs it
     prompts = make_prompts(args, tokenizer, model.config.vocab_size)
     tokens = np.zeros((len(prompts), max(map(len, prompts))), np.int32)
     for i, p in enumerate(prompts):

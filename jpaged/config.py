@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-# HF `architectures` entry -> jpaged family name. Everything here runs through jpaged/models/llama.py.
+# HF `architectures` entry -> jpaged family name. Everything here runs through jpaged/models/decoder.py.
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -21,6 +21,9 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+# The params layout (jpaged/models/weights.py) a converted checkpoint stores; 2 = q/k/v and
+# gate/up fused (1, separate projections, was never marked in the files).
+PARAMS_LAYOUT = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +94,20 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelConfig":
+        """A converted checkpoint's jpaged_config.json; ValueError when its params are in an
+        older layout than this jpaged reads (convert the source again)."""
         data = json.loads(Path(path).read_text())
+        layout = data.pop("params_layout", 1)
+        if layout != PARAMS_LAYOUT:
+            raise ValueError(f"{Path(path).parent} was converted by another jpaged version (params "
+                             f"layout {layout}; this one reads layout {PARAMS_LAYOUT}); convert "
+                             f"the source again with `jpaged convert SRC OUT`")
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
         return cls(**data)
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        data = {**dataclasses.asdict(self), "params_layout": PARAMS_LAYOUT}
+        Path(path).write_text(json.dumps(data, indent=2))
 
     def rope_inv_freq(self) -> np.ndarray:
         """Inverse RoPE frequencies [H/2] in float32, as HF transformers computes them."""

@@ -7,8 +7,8 @@ NOTE: how the processes agree on each step. Every process runs the whole engine:
 scheduler, block manager and sampler over the same requests, so each one computes the same batch
 (the host control plane is deterministic: FIFO queues, no clocks, seeds resolved on process 0).
 Only process 0 takes requests (LLM.generate, the HTTP server). At the start of every step it
-broadcasts the request calls made since the previous step (add, beam search, abort; pickled into
-a uint8 array) with `multihost_utils.broadcast_one_to_all`, an XLA collective over all processes'
+broadcasts the request calls made since the previous step (typed records, jpaged/engine/calls.py,
+pickled into a uint8 array) with `multihost_utils.broadcast_one_to_all`, an XLA collective over all processes'
 devices, and the other processes replay them in the same order before they schedule. The step's
 device inputs are then equal everywhere, the sampled tokens are replicated, and every process
 appends the same tokens. Process 0 ends the followers with `stop_followers()` (the CLI does this
@@ -63,15 +63,15 @@ class CallLog:
 
     def __init__(self):
         self.is_leader = jax.process_index() == 0
-        self._calls: list[tuple] = []
+        self._calls: list = []
         self._lock = threading.Lock()
 
-    def record(self, call: tuple) -> None:
+    def record(self, call) -> None:
         if self.is_leader:
             with self._lock:
                 self._calls.append(call)
 
-    def exchange(self) -> list[tuple]:
+    def exchange(self) -> list:
         """A collective: every process must call it once per step. Returns process 0's calls."""
         from jax.experimental import multihost_utils
 

@@ -12,9 +12,11 @@ scheduling happens between steps, so it can sit inside a user's own jitted code,
     out = gen(model, params, prompt_tokens, prompt_lengths, max_new_tokens=64,
               rng=jax.random.key(0), eos_token_id=model.config.eos_token_ids)
 
-NOTE: params may be the checkpoint's stacked tree or `split_layer_weights(params)`, the engine's CPU
-layout, in which each layer reads its matmul weights in place (SmolLM2, 32 prompts x 128 tokens on
-the 2-core CPU: 39-41 s of CPU time stacked, 32-34 s split).
+NOTE: params are in the layout of jpaged/models/weights.py, the layer stack in either placement;
+`load` arranges them for the device (per layer on one CPU device, where each layer then reads its
+matmul weights in place: SmolLM2, 32 prompts x 128 tokens on the 2-core CPU, 39-41 s of CPU time
+stacked, 32-34 s per layer). `jpaged.models.arrange_layers(params)` does the same for params of
+your own.
 NOTE: the module is `generation`, not `generate`: importing a submodule sets it as an attribute of
 its package, which would shadow the function `jpaged.generate` after the first import.
 NOTE: static page assignment. Sequence b owns the contiguous pages 1 + b*P .. (b+1)*P, with P =
@@ -36,7 +38,8 @@ import jax
 import jax.numpy as jnp
 
 from jpaged.engine.sampler import SamplerFlags, SamplingTensors, sample
-from jpaged.models.llama import AttentionFns, AttentionMetadata, CausalLM, KVCache
+from jpaged.models import (AttentionFns, AttentionMetadata, CausalLM, KVCache, arrange_layers,
+                           reference_attention, slot_mapping)
 
 
 @dataclasses.dataclass
@@ -55,7 +58,8 @@ def load(path, dtype: str | None = None, mesh=None) -> tuple[CausalLM, dict, Any
     """(model, params, tokenizer) from a converted jpaged checkpoint, an HF directory or a `.gguf`.
 
     `model.config` is the ModelConfig, its `eos_token_ids` merged from config.json,
-    generation_config.json and the tokenizer (the engine's set). dtype: None keeps the stored one
+    generation_config.json and the tokenizer (the engine's set). params: the layout of
+    jpaged/models/weights.py, arranged for the device (arrange_layers). dtype: None keeps the stored one
     (float32 for GGUF); "float32" | "bfloat16" | "float16" converts. The tokenizer may be None.
     mesh: a 1-D `jax.sharding.Mesh` for tensor parallelism (jpaged/parallel.py): params come back
     in their shards (a jpaged checkpoint is restored by Orbax straight into them), and the model's
@@ -67,8 +71,8 @@ def load(path, dtype: str | None = None, mesh=None) -> tuple[CausalLM, dict, Any
     checkpoint = load_checkpoint(path, dtype=dtype, progress=False, mesh=mesh)
     config = dataclasses.replace(checkpoint.config, eos_token_ids=tuple(checkpoint.eos_token_ids))
     if mesh is None:
-        return CausalLM(config, jnp.dtype(checkpoint.dtype)), checkpoint.params, checkpoint.tokenizer
-    from jpaged.models.llama import reference_attention
+        return (CausalLM(config, jnp.dtype(checkpoint.dtype)), arrange_layers(checkpoint.params),
+                checkpoint.tokenizer)
     from jpaged.parallel import TensorParallel
     tp = TensorParallel.create(config, mesh=mesh)
     model = CausalLM(tp.model_config, jnp.dtype(checkpoint.dtype),
@@ -158,8 +162,8 @@ def _prefill_inputs(prompt_tokens, prompt_lengths, block_tables, page_size: int)
     # Where each prompt token goes in the packed batch; out of range (dropped) past its prompt.
     dest = jnp.where(position < prompt_lengths[:, None], query_start_loc[:-1, None] + position,
                      num_seqs * width).ravel()
-    slots = jnp.take_along_axis(block_tables, position // page_size, axis=1) * page_size \
-        + position % page_size                                                          # [B, W]
+    rows = jnp.broadcast_to(jnp.arange(num_seqs, dtype=jnp.int32)[:, None], (num_seqs, width))
+    slots = slot_mapping(block_tables, rows, position, page_size)                       # [B, W]
 
     def pack(values):
         return jnp.zeros(num_seqs * width, jnp.int32).at[dest].set(values.ravel(), mode="drop")
@@ -170,9 +174,10 @@ def _prefill_inputs(prompt_tokens, prompt_lengths, block_tables, page_size: int)
 def _decode_metadata(block_tables, positions, page_size: int) -> AttentionMetadata:
     """One token per sequence at `positions` [B]."""
     num_seqs = block_tables.shape[0]
-    page = jnp.take_along_axis(block_tables, (positions // page_size)[:, None], axis=1)[:, 0]
-    return AttentionMetadata(block_tables, page * page_size + positions % page_size, positions + 1,
-                             jnp.arange(num_seqs + 1, dtype=jnp.int32), decode_only=True)
+    rows = jnp.arange(num_seqs, dtype=jnp.int32)
+    return AttentionMetadata(block_tables, slot_mapping(block_tables, rows, positions, page_size),
+                             positions + 1, jnp.arange(num_seqs + 1, dtype=jnp.int32),
+                             decode_only=True)
 
 
 def _make_sampler(rng, prompt_lengths, vocab_size: int, temperature, top_k, top_p, eos,

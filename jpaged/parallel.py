@@ -8,18 +8,20 @@ per step one all-reduce for the vocabulary-sharded embedding lookup and one all-
 vocabulary-sharded logits (tests/parallel counts them in the compiled step). The host scheduler and block manager do not change: one
 scheduler, one SPMD step over every device of the mesh.
 
-Sharding rules (mesh axis "tp", size N; leaf shapes in the legend of jpaged_kernels/reference.py):
-  wq [L, D, N, H], bq [L, N, H]            by query head (output columns)
-  wk, wv [L, D, K, H], bk, bv [L, K, H]    by KV head
-  wo [L, N, H, D]                          by query head (input rows): partial sums, all-reduced
-  w_gate, w_up [L, D, F]                   by column;  w_down [L, F, D] by row: all-reduced
-  embed/embedding [V, D], lm_head [D, V]   by vocabulary (replicated when N does not divide V)
+Sharding rules (mesh axis "tp" of TP devices; leaves in the layout of jpaged/models/weights.py):
+  attn/wqkv [L, D, K, G+2, H], bqkv [L, K, G+2, H]   by KV head: each device holds whole query
+                                                      groups with their own key and value heads
+  attn/wo [L, N*H, D]                      by rows (query heads): partial sums, all-reduced
+  mlp/w_gate_up [L, D, 2, F]               by F;   mlp/w_down [L, F, D] by F (rows): all-reduced
+  embed/embedding [V, D], lm_head [D, V]   by vocabulary (replicated when TP does not divide V)
   norms, bo                                replicated
-  KV cache k, v [L, K, P, S, H]            by KV head: each device holds K/N heads of every page
-NOTE: KV head replication (vLLM's rule). When N > K, each KV head is repeated N/K times (wk, wv,
-bk, bv along their head axis, in place: head k becomes heads k*R .. k*R+R-1), so the model runs
-with K' = N KV heads and every device holds one KV head and its whole group of N_q/N query heads.
-Query head h still meets its original KV head: h // (N_q/K') // R == h // (N_q/K).
+  KV cache k, v [L, K, P, S, H]            by KV head: each device holds K/TP heads of every page
+Axes are counted from the end, so the rules hold for per-layer leaves too (weights.py).
+NOTE: KV head replication (vLLM's rule). When TP > K, each KV head is repeated R = TP/K times:
+in wqkv/bqkv, KV head k with its G query heads becomes R KV heads k*R .. k*R+R-1, each with G/R
+of those query heads and a copy of k's key and value columns. The model then runs with K' = TP
+KV heads and G' = G/R, and query head h still meets its original KV head:
+h // G' // R == h // G.
 """
 
 from __future__ import annotations
@@ -31,19 +33,17 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpaged.config import ModelConfig
-from jpaged.models.llama import AttentionFns, KVCache
+from jpaged.models import AttentionFns, KVCache
 
 logger = logging.getLogger("jpaged")
 AXIS = "tp"
-# Head-sharded leaves under layers/attn: the axis of the head dimension, counted from the end so
-# that it holds for stacked [L, ...] leaves and for per-layer ones (split_layer_weights) alike.
-_HEAD_AXIS = {"wq": -2, "wk": -2, "wv": -2, "wo": -3, "bq": -2, "bk": -2, "bv": -2}
-_KV_LEAVES = ("wk", "wv", "bk", "bv")
-# MLP leaves: the axis of F.
-_MLP_AXIS = {"w_gate": -1, "w_up": -1, "w_down": -2}
+# Sharded leaves: (group, name) -> the axis split over the mesh, counted from the end.
+_SHARDED_AXIS = {("attn", "wqkv"): -3, ("attn", "bqkv"): -3, ("attn", "wo"): -2,
+                 ("mlp", "w_gate_up"): -1, ("mlp", "w_down"): -2}
+_KV_LEAVES = ("wqkv", "bqkv")        # the leaves KV head replication rewrites
 
 try:                                   # JAX >= 0.7 has jax.shard_map (check_vma); older: experimental
     _shard_map = functools.partial(jax.shard_map, check_vma=False)
@@ -53,27 +53,27 @@ except AttributeError:                 # pragma: no cover - older JAX
 
 
 def kv_replicas(num_heads: int, num_kv_heads: int, tensor_parallel_size: int) -> int:
-    """R, how many copies of each KV head the mesh needs (1 unless N > K); ValueError naming the
+    """R, how many copies of each KV head the mesh needs (1 unless TP > K); ValueError naming the
     head counts and the fix when `tensor_parallel_size` cannot split them."""
-    n = tensor_parallel_size
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {n!r}")
-    if num_heads % n:
-        raise ValueError(f"tensor_parallel_size={n} does not divide the model's {num_heads} query "
+    tp = tensor_parallel_size
+    if not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tp!r}")
+    if num_heads % tp:
+        raise ValueError(f"tensor_parallel_size={tp} does not divide the model's {num_heads} query "
                          f"heads (num_attention_heads); choose a divisor of {num_heads}: "
                          f"{_divisors(num_heads)}")
-    if num_kv_heads % n == 0:
+    if num_kv_heads % tp == 0:
         return 1
-    if n % num_kv_heads:
+    if tp % num_kv_heads:
         fits = [d for d in _divisors(num_heads) if d % num_kv_heads == 0 or num_kv_heads % d == 0]
-        raise ValueError(f"tensor_parallel_size={n} neither divides the model's {num_kv_heads} KV "
+        raise ValueError(f"tensor_parallel_size={tp} neither divides the model's {num_kv_heads} KV "
                          f"heads (num_key_value_heads) nor is a multiple of them, so KV heads can "
                          f"be neither split nor replicated evenly; choose one of {fits}")
-    return n // num_kv_heads
+    return tp // num_kv_heads
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _divisors(count: int) -> list[int]:
+    return [d for d in range(1, count + 1) if count % d == 0]
 
 
 def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
@@ -90,18 +90,17 @@ def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
 
 def param_specs(params, config: ModelConfig, tensor_parallel_size: int):
     """The PartitionSpec of every params leaf (a tree like `params`, or like param_shapes(config))."""
-    n = tensor_parallel_size
+    tp = tensor_parallel_size
 
-    def spec(path, leaf) -> P:
+    def spec(path, leaf) -> PartitionSpec:
         keys = _names(path)
-        name, axes = keys[-1], [None] * len(leaf.shape)
-        if "attn" in keys and name in _HEAD_AXIS:
-            axes[_HEAD_AXIS[name]] = AXIS
-        elif "mlp" in keys and name in _MLP_AXIS:
-            axes[_MLP_AXIS[name]] = AXIS if config.intermediate_size % n == 0 else None
-        elif name in ("embedding", "lm_head") and config.vocab_size % n == 0:
-            axes[0 if name == "embedding" else -1] = AXIS
-        return P(*axes)
+        axes = [None] * len(leaf.shape)
+        axis = _SHARDED_AXIS.get(tuple(keys[-2:]))
+        if axis is not None and not (keys[-2] == "mlp" and config.intermediate_size % tp):
+            axes[axis] = AXIS
+        elif keys[-1] in ("embedding", "lm_head") and config.vocab_size % tp == 0:
+            axes[0 if keys[-1] == "embedding" else -1] = AXIS
+        return PartitionSpec(*axes)
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
@@ -110,23 +109,27 @@ def _names(path) -> list[str]:
     return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
 
 
-def shard_shape(shape: tuple[int, ...], spec: P, tensor_parallel_size: int) -> tuple[int, ...]:
+def shard_shape(shape: tuple[int, ...], spec: PartitionSpec, tensor_parallel_size: int) -> tuple[int, ...]:
     """The per-device shape of a `shape` leaf placed with `spec` on a ("tp",) mesh."""
     return tuple(d // tensor_parallel_size if i < len(spec) and spec[i] == AXIS else d
                  for i, d in enumerate(shape))
 
 
-def replicate_kv_heads(params, replicas: int):
-    """wk, wv, bk, bv with each KV head repeated `replicas` times along the head axis."""
+def replicate_kv_heads(params, replicas: int, num_heads: int, num_kv_heads: int):
+    """wqkv, bqkv with each KV head split into `replicas` KV heads (see the NOTE above)."""
     if replicas == 1:
         return params
+    group = num_heads // num_kv_heads
 
-    def repeat(path, leaf):
+    def split(path, leaf):
         keys = _names(path)
-        if "attn" in keys and keys[-1] in _KV_LEAVES:
-            return jnp.repeat(leaf, replicas, axis=_HEAD_AXIS[keys[-1]])
-        return leaf
-    return jax.tree_util.tree_map_with_path(repeat, params)
+        if len(keys) < 2 or keys[-2] != "attn" or keys[-1] not in _KV_LEAVES:
+            return leaf
+        *lead, k, _, h = leaf.shape                            # [..., K, G+2, H]
+        q = leaf[..., :group, :].reshape(*lead, k * replicas, group // replicas, h)
+        kv = jnp.repeat(leaf[..., group:, :], replicas, axis=-3)  # [..., K*R, 2, H]
+        return jnp.concatenate([q, kv], axis=-2)
+    return jax.tree_util.tree_map_with_path(split, params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +174,7 @@ class TensorParallel:
 
     @property
     def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
+        return NamedSharding(self.mesh, PartitionSpec())
 
     def param_shardings(self, params):
         """NamedShardings for a params tree in the model's layout (KV heads already replicated)."""
@@ -185,18 +188,20 @@ class TensorParallel:
         specs = param_specs(shapes, self.config, self.size)
         if self.replicas > 1:
             specs = jax.tree_util.tree_map_with_path(
-                lambda path, spec: P() if _names(path)[-1] in _KV_LEAVES and "attn" in _names(path)
-                else spec, specs, is_leaf=lambda x: isinstance(x, P))
+                lambda path, spec: PartitionSpec() if _names(path)[-2:] in (["attn", "wqkv"],
+                                                                            ["attn", "bqkv"])
+                else spec, specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
         return jax.tree.map(lambda spec: NamedSharding(self.mesh, spec), specs,
-                            is_leaf=lambda x: isinstance(x, P))
+                            is_leaf=lambda x: isinstance(x, PartitionSpec))
 
     def shard_params(self, params):
         """The checkpoint's params, KV heads replicated, placed in their shards."""
-        params = replicate_kv_heads(params, self.replicas)
+        params = replicate_kv_heads(params, self.replicas, self.config.num_heads,
+                                    self.config.num_kv_heads)
         return place(params, self.param_shardings(params))
 
     def cache_sharding(self) -> KVCache:
-        by_head = NamedSharding(self.mesh, P(None, AXIS))
+        by_head = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
         return KVCache(by_head, by_head)
 
     def zeros_cache(self, num_pages: int, page_size: int, dtype) -> KVCache:
@@ -218,14 +223,14 @@ class TensorParallel:
             if layer is None:                                  # one layer's pages [K, ...]
                 def body(q, k_pages, v_pages, *metadata):
                     return fn(q, k_pages, v_pages, *metadata, **kwargs)
-                specs, args = (P(None, AXIS), P(AXIS), P(AXIS)), (q, k_pages, v_pages)
+                specs, args = (PartitionSpec(None, AXIS), PartitionSpec(AXIS), PartitionSpec(AXIS)), (q, k_pages, v_pages)
             else:                                              # [L, K, ...] read at `layer`
                 def body(q, k_pages, v_pages, layer, *metadata):
                     return fn(q, k_pages, v_pages, *metadata, layer=layer, **kwargs)
-                specs = (P(None, AXIS), P(None, AXIS), P(None, AXIS), P())
+                specs = (PartitionSpec(None, AXIS), PartitionSpec(None, AXIS), PartitionSpec(None, AXIS), PartitionSpec())
                 args = (q, k_pages, v_pages, layer)
-            return _shard_map(body, mesh=mesh, in_specs=specs + (P(),) * len(metadata),
-                              out_specs=P(None, AXIS))(*args, *metadata)
+            return _shard_map(body, mesh=mesh, in_specs=specs + (PartitionSpec(),) * len(metadata),
+                              out_specs=PartitionSpec(None, AXIS))(*args, *metadata)
         return call
 
     def step_shardings(self, params):
@@ -252,6 +257,6 @@ def bytes_per_device(shapes, specs, tensor_parallel_size: int, dtype) -> int:
     """Sum of one device's shard bytes over a tree of shapes and a matching tree of specs."""
     itemsize = jnp.dtype(dtype).itemsize
     leaves = jax.tree.leaves(shapes)
-    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
     return sum(int(np.prod(shard_shape(tuple(s.shape), spec, tensor_parallel_size))) * itemsize
                for s, spec in zip(leaves, spec_leaves))

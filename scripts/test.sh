@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
-.venv/bin/python -m pytest -q "$@"
+# Two workers (this machine has 2 cores), one test file per worker at a time so a file's shared
+# engines and fixtures stay in one process.
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"

@@ -18,7 +18,7 @@ import pytest
 import jpaged
 from jpaged.checkpoint.loader import LoadedCheckpoint
 from jpaged.generation import GenerateOutput, generate
-from jpaged.models.llama import CausalLM, split_layer_weights
+from jpaged.models import CausalLM, arrange_layers
 from jpaged.models.random_weights import random_checkpoint
 
 STATIC = ("model", "max_new_tokens", "page_size", "num_pages", "eos_token_id",
@@ -41,6 +41,11 @@ FAMILIES = {
 PROMPTS = [[5, 17, 99, 3, 42], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 200], [250, 1]]
 MAX_NEW = 8
 
+
+
+def with_devices(count: int) -> str:
+    """XLA_FLAGS for a subprocess with `count` CPU devices, keeping the suite's own flags."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
 
 def padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     """[B, W] right-padded with garbage (which generate must ignore), and the lengths [B]."""
@@ -156,13 +161,13 @@ def test_per_sequence_stop_at_eos_pads_with_zero(random_model):
     assert float(banned.logprobs[1, 3]) < float(full.logprobs[1, 3])     # the runner-up
 
 
-def test_split_layer_weights_give_the_same_tokens(random_model):
-    """The engine's CPU layout (one buffer per layer, q/k/v and gate/up fused) through generate."""
+def test_both_placements_give_the_same_tokens(random_model):
+    """The layer stack per layer (the CPU placement) and stacked, through generate."""
     model, params = random_model
     tokens, lengths = padded(PROMPTS)
     call = dict(max_new_tokens=MAX_NEW, rng=jax.random.key(2), temperature=1.0, page_size=4)
-    split = GEN(model, split_layer_weights(params), tokens, lengths, **call)
-    stacked = GEN(model, params, tokens, lengths, **call)
+    split = GEN(model, arrange_layers(params, per_layer=True), tokens, lengths, **call)
+    stacked = GEN(model, arrange_layers(params, per_layer=False), tokens, lengths, **call)
     assert split.tokens.tolist() == stacked.tokens.tolist()
     np.testing.assert_allclose(np.asarray(split.logprobs), np.asarray(stacked.logprobs), atol=1e-5)
 
@@ -237,12 +242,14 @@ MESH_SCRIPT = textwrap.dedent("""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jpaged
     from jpaged.generation import generate
+    from jpaged.models import arrange_layers
 
     assert jax.device_count() == 4, jax.devices()
     model, params, _ = jpaged.load(sys.argv[1])
+    params = arrange_layers(params, per_layer=False)      # stacked [L, ...] leaves, to shard
     tokens, lengths = (np.asarray(x, np.int32) for x in json.loads(sys.argv[2]))
     mesh = Mesh(np.array(jax.devices()), ("heads",))
-    HEAD_AXIS = {"wq": 2, "wk": 2, "wv": 2, "wo": 1, "bq": 1, "bk": 1, "bv": 1}   # [L, ...] leaves
+    HEAD_AXIS = {"wqkv": 2, "bqkv": 1, "wo": 1}   # wqkv [L, D, K, G+2, H] by KV head, wo by rows
 
     def spec(path, leaf):
         name = jax.tree_util.keystr(path[-1:])[2:-2]
@@ -256,7 +263,7 @@ MESH_SCRIPT = textwrap.dedent("""
     hlo = gen.lower(model, sharded, tokens, lengths, **args).compile().as_text()
     out = {"sharded": gen(model, sharded, tokens, lengths, **args).tokens.tolist(),
            "unsharded": gen(model, params, tokens, lengths, **args).tokens.tolist(),
-           "wq_spec": list(sharded["layers"]["attn"]["wq"].sharding.spec),
+           "wqkv_spec": list(sharded["layers"]["attn"]["wqkv"].sharding.spec),
            "all_reduce": "all-reduce" in hlo}
     print("RESULT " + json.dumps(out))
 """)
@@ -266,7 +273,7 @@ def test_params_sharded_by_heads_on_a_4_device_mesh_give_the_same_tokens(tmp_pat
     # 8 query and 4 KV heads: both split evenly over 4 devices.
     hf_model = build_hf("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=4,
                                             head_dim=8), tmp_path, seed=4)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=with_devices(4),
                JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(tmp_path),
                            json.dumps([t.tolist() for t in padded(PROMPTS)]), str(MAX_NEW)],
@@ -274,7 +281,7 @@ def test_params_sharded_by_heads_on_a_4_device_mesh_give_the_same_tokens(tmp_pat
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
-    assert result["wq_spec"] == [None, None, "heads", None]      # wq [L, D, N, H]
+    assert result["wqkv_spec"] == [None, None, "heads", None, None]   # wqkv [L, D, K, G+2, H]
     assert result["all_reduce"], "the compiled step is not partitioned over the heads"
     assert result["sharded"] == result["unsharded"]
     for b, prompt in enumerate(PROMPTS):

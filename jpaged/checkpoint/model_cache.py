@@ -1,7 +1,7 @@
 """A converted copy of each `.gguf` file, so a start loads it instead of dequantizing again.
 
-NOTE: the key is the file's SHA-256 (not its path or mtime) and the params dtype:
-`<cache>/models/<stem>-<sha256[:16]>-<dtype>/` holds a jpaged checkpoint (jpaged_config.json,
+NOTE: the key is the file's SHA-256 (not its path or mtime), the params dtype and the params
+layout version: `<cache>/models/<stem>-<sha256[:16]>-<dtype>-layout<N>/` holds a jpaged checkpoint (jpaged_config.json,
 config.json, tokenizer files) whose params are one safetensors file, params.safetensors, rather
 than Orbax's params/: it loads several times faster, and `LLM(entry)` reads either form. It is
 written into a temporary sibling directory and renamed into place, so a crash or a concurrent
@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 
 from jpaged.cache_dirs import resolve_cache_dir
+from jpaged.config import PARAMS_LAYOUT
 
 logger = logging.getLogger("jpaged")
 ENV_VAR = "JPAGED_MODEL_CACHE_DIR"
@@ -40,7 +41,7 @@ def cache_entry(gguf_path: Path, dtype: str, cache_dir: str | None = None) -> Pa
     root = resolve_cache_dir(cache_dir, ENV_VAR, "models")
     if root is None:
         return None
-    return root / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}-{dtype}"
+    return root / f"{gguf_path.stem}-{file_sha256(gguf_path)[:16]}-{dtype}-layout{PARAMS_LAYOUT}"
 
 
 def is_complete(entry: Path) -> bool:

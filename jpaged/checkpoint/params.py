@@ -31,8 +31,10 @@ def resolve_dtype(dtype) -> str:
 
 
 def param_shapes(config: ModelConfig) -> dict:
-    """The CausalLM params pytree as jax.ShapeDtypeStruct leaves (float32), without allocating."""
-    from jpaged.models.llama import AttentionMetadata, CausalLM, KVCache
+    """The CausalLM params pytree as jax.ShapeDtypeStruct leaves (float32, layers stacked),
+    without allocating."""
+    from jpaged.models.decoder import CausalLM
+    from jpaged.models.kv_cache import AttentionMetadata, KVCache
 
     def init():
         cache = KVCache.zeros(config, num_pages=2, page_size=1, dtype=jnp.float32)
@@ -65,27 +67,38 @@ def unflatten(flat: dict[str, object]) -> dict:
 
 def build_params(source: HFSource | GGUFSource, config: ModelConfig, dtype: str,
                  progress: bool = True) -> dict:
-    """Stream `source`'s tensors through HF_TO_JPAGED into the params pytree (jax arrays in dtype)."""
+    """Stream `source`'s tensors through HF_TO_JPAGED into the params pytree (jax arrays in dtype,
+    layers stacked). A fused leaf is filled part by part, every part checked present."""
     shapes = flatten(param_shapes(config))
-    by_dst = {rule.dst: (hf_name, rule) for hf_name, rule in HF_TO_JPAGED.items()}
+    rules = _rules_by_dst()
     dims, available = shape_dims(config), set(source.tensor_names())
-    _warn_unused(source, config, by_dst, shapes)
-    total = sum(len(layer_names(by_dst[dst][0], config.num_layers)) for dst in shapes)
+    _warn_unused(source, config, rules, shapes)
+    total = sum(len(layer_names(hf_name, config.num_layers))
+                for dst in shapes for hf_name, _ in rules.get(dst, ()))
     params = {}
     with tqdm(total=total, desc=f"converting {source.path.name}", unit="tensor",
               disable=not progress) as bar:
         for dst, shape in shapes.items():
-            if dst not in by_dst:
-                raise ValueError(f"jpaged param {dst} has no rule in jpaged.checkpoint.weight_map.HF_TO_JPAGED")
-            hf_name, rule = by_dst[dst]
+            if dst not in rules:
+                raise ValueError(f"jpaged param {dst} has no rule in "
+                                 f"jpaged.checkpoint.weight_map.HF_TO_JPAGED")
             leaf = np.empty(shape.shape, jnp.dtype(dtype))
-            for i, name in enumerate(layer_names(hf_name, config.num_layers)):
-                value = rule.transform(_read_checked(source, name, rule, dims, available), dims)
-                leaf[i if "{}" in hf_name else ...] = value
-                bar.update()
+            for hf_name, rule in rules[dst]:
+                for i, name in enumerate(layer_names(hf_name, config.num_layers)):
+                    value = rule.transform(_read_checked(source, name, rule, dims, available), dims)
+                    (leaf[i] if "{}" in hf_name else leaf)[rule.index(dims)] = value
+                    bar.update()
             params[dst] = jnp.asarray(leaf)
             del leaf
     return unflatten(params)
+
+
+def _rules_by_dst() -> dict[str, list[tuple[str, Rule]]]:
+    """params path -> the (HF name pattern, rule) pairs that fill it (several for a fused leaf)."""
+    out: dict[str, list[tuple[str, Rule]]] = {}
+    for hf_name, rule in HF_TO_JPAGED.items():
+        out.setdefault(rule.dst, []).append((hf_name, rule))
+    return out
 
 
 def _read_checked(source, name: str, rule: Rule, dims: dict[str, int], available: set[str]):
@@ -100,8 +113,8 @@ def _read_checked(source, name: str, rule: Rule, dims: dict[str, int], available
     return source.read(name)
 
 
-def _warn_unused(source, config: ModelConfig, by_dst: dict, shapes: dict) -> None:
-    used = {by_dst[dst][0] for dst in shapes if dst in by_dst}
+def _warn_unused(source, config: ModelConfig, rules: dict, shapes: dict) -> None:
+    used = {hf_name for dst in shapes for hf_name, _ in rules.get(dst, ())}
     unused = []
     for name in source.tensor_names():
         match = match_pattern(name, HF_TO_JPAGED)

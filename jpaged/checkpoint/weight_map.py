@@ -1,7 +1,8 @@
 """Declarative weight tables: HF tensor names -> jpaged params, and GGUF tensor names -> HF names.
 
 A new architecture is a table entry, not a script. `{}` in a name is the layer index; tensors with
-`{}` are stacked over layers on axis 0 (the `nn.scan` layout of jpaged/models/llama.py). Every rule names
+`{}` are stacked over layers on axis 0, and several HF tensors may fill one fused leaf (q, k, v into
+`wqkv`; the layout is jpaged/models/weights.py's). Every rule names
 the HF shape it expects in the shape legend (V vocab, D model dim, F MLP dim, N query heads, K KV
 heads, H head dim; "NH" is N * H), so a wrong tensor fails with its name and both shapes.
 """
@@ -27,19 +28,31 @@ def transpose(x, dims):
     return x.T
 
 
-def split_out_heads(heads: str) -> Transform:
-    """q/k/v weight [(heads H), D] -> [D, heads, H]."""
-    return lambda x, d: x.T.reshape(d["D"], d[heads], d["H"])
+def q_heads(x, d):
+    """q_proj weight [(N H), D] -> [D, K, G, H]: the query heads grouped by their KV head."""
+    return x.T.reshape(d["D"], d["K"], d["G"], d["H"])
 
 
-def split_in_heads(x, d):
-    """o_proj weight [D, (N H)] -> [N, H, D]."""
-    return x.T.reshape(d["N"], d["H"], d["D"])
+def kv_heads(x, d):
+    """k_proj / v_proj weight [(K H), D] -> [D, K, H]."""
+    return x.T.reshape(d["D"], d["K"], d["H"])
 
 
-def split_bias_heads(heads: str) -> Transform:
-    """q/k/v bias [(heads H)] -> [heads, H]."""
-    return lambda x, d: x.reshape(d[heads], d["H"])
+def q_bias_heads(x, d):
+    """q_proj bias [(N H)] -> [K, G, H]."""
+    return x.reshape(d["K"], d["G"], d["H"])
+
+
+def kv_bias_heads(x, d):
+    """k_proj / v_proj bias [(K H)] -> [K, H]."""
+    return x.reshape(d["K"], d["H"])
+
+
+# Fused leaves (jpaged/models/weights.py): where each part goes along axis -2 of one layer's leaf.
+FUSED_PARTS: dict[str, Callable[[dict[str, int]], int | slice]] = {
+    "q": lambda d: slice(0, d["G"]), "k": lambda d: d["G"], "v": lambda d: d["G"] + 1,
+    "gate": lambda d: 0, "up": lambda d: 1,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,24 +60,31 @@ class Rule:
     dst: str                         # path in the params pytree, "/"-separated
     shape: tuple[str, ...]           # the HF tensor's shape in legend letters, checked before transform
     transform: Transform = identity  # HF layout -> jpaged layout of one (per-layer) tensor
+    part: str | None = None          # for a fused leaf: which part (FUSED_PARTS) this tensor fills
+
+    def index(self, dims: dict[str, int]) -> tuple:
+        """Where the transformed tensor goes in one layer's leaf."""
+        return (...,) if self.part is None else (..., FUSED_PARTS[self.part](dims), slice(None))
 
 
+_ATTN = "model.layers.{}.self_attn."
 HF_TO_JPAGED: dict[str, Rule] = {
     "model.embed_tokens.weight": Rule("embed/embedding", ("V", "D")),
     "model.norm.weight": Rule("norm/scale", ("D",)),
     "lm_head.weight": Rule("lm_head", ("V", "D"), transpose),
     "model.layers.{}.input_layernorm.weight": Rule("layers/attn_norm/scale", ("D",)),
     "model.layers.{}.post_attention_layernorm.weight": Rule("layers/mlp_norm/scale", ("D",)),
-    "model.layers.{}.self_attn.q_proj.weight": Rule("layers/attn/wq", ("NH", "D"), split_out_heads("N")),
-    "model.layers.{}.self_attn.k_proj.weight": Rule("layers/attn/wk", ("KH", "D"), split_out_heads("K")),
-    "model.layers.{}.self_attn.v_proj.weight": Rule("layers/attn/wv", ("KH", "D"), split_out_heads("K")),
-    "model.layers.{}.self_attn.o_proj.weight": Rule("layers/attn/wo", ("D", "NH"), split_in_heads),
-    "model.layers.{}.self_attn.q_proj.bias": Rule("layers/attn/bq", ("NH",), split_bias_heads("N")),
-    "model.layers.{}.self_attn.k_proj.bias": Rule("layers/attn/bk", ("KH",), split_bias_heads("K")),
-    "model.layers.{}.self_attn.v_proj.bias": Rule("layers/attn/bv", ("KH",), split_bias_heads("K")),
-    "model.layers.{}.self_attn.o_proj.bias": Rule("layers/attn/bo", ("D",)),
-    "model.layers.{}.mlp.gate_proj.weight": Rule("layers/mlp/w_gate", ("F", "D"), transpose),
-    "model.layers.{}.mlp.up_proj.weight": Rule("layers/mlp/w_up", ("F", "D"), transpose),
+    _ATTN + "q_proj.weight": Rule("layers/attn/wqkv", ("NH", "D"), q_heads, "q"),
+    _ATTN + "k_proj.weight": Rule("layers/attn/wqkv", ("KH", "D"), kv_heads, "k"),
+    _ATTN + "v_proj.weight": Rule("layers/attn/wqkv", ("KH", "D"), kv_heads, "v"),
+    _ATTN + "o_proj.weight": Rule("layers/attn/wo", ("D", "NH"), transpose),
+    _ATTN + "q_proj.bias": Rule("layers/attn/bqkv", ("NH",), q_bias_heads, "q"),
+    _ATTN + "k_proj.bias": Rule("layers/attn/bqkv", ("KH",), kv_bias_heads, "k"),
+    _ATTN + "v_proj.bias": Rule("layers/attn/bqkv", ("KH",), kv_bias_heads, "v"),
+    _ATTN + "o_proj.bias": Rule("layers/attn/bo", ("D",)),
+    "model.layers.{}.mlp.gate_proj.weight": Rule("layers/mlp/w_gate_up", ("F", "D"), transpose,
+                                                 "gate"),
+    "model.layers.{}.mlp.up_proj.weight": Rule("layers/mlp/w_gate_up", ("F", "D"), transpose, "up"),
     "model.layers.{}.mlp.down_proj.weight": Rule("layers/mlp/w_down", ("D", "F"), transpose),
 }
 
@@ -128,7 +148,8 @@ GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
 def shape_dims(config: ModelConfig) -> dict[str, int]:
     """Legend letter -> size, plus the fused head dims "NH" and "KH"."""
     dims = dict(V=config.vocab_size, D=config.hidden_size, F=config.intermediate_size,
-                N=config.num_heads, K=config.num_kv_heads, H=config.head_dim)
+                N=config.num_heads, K=config.num_kv_heads, H=config.head_dim,
+                G=config.num_heads // config.num_kv_heads)
     dims["NH"], dims["KH"] = dims["N"] * dims["H"], dims["K"] * dims["H"]
     return dims
 

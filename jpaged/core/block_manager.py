@@ -30,6 +30,7 @@ from collections import OrderedDict
 import numpy as np
 
 from jpaged.core.sequence import Sequence
+from jpaged.core.stats import Stats
 
 NULL_PAGE = 0
 
@@ -44,7 +45,7 @@ def page_key(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
 
 class BlockManager:
     def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True,
-                 num_host_pages: int = 0):
+                 num_host_pages: int = 0, stats: Stats | None = None):
         if num_pages < 2:
             raise ValueError(f"num_pages must be >= 2 (page 0 is the null page), got {num_pages}")
         self.num_pages = num_pages
@@ -56,8 +57,7 @@ class BlockManager:
         self.page_keys: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # page -> (key, its tokens)
         self.num_host_pages = num_host_pages
         self.free_host_pages: list[int] = list(range(num_host_pages))
-        self.num_prefix_queries = 0       # pages looked up in the prefix cache
-        self.num_prefix_hits = 0          # of those, pages reused
+        self.stats = stats or Stats()
 
     @property
     def num_free_pages(self) -> int:
@@ -132,11 +132,11 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.block_table:
             return 0
         for key, tokens in seq.full_pages(self.page_size, (seq.num_tokens - 1) // self.page_size):
-            self.num_prefix_queries += 1
+            self.stats.prefix_cache_queries += 1
             page = self.cached_pages.get(key)
             if page is None or self.page_keys[page][1] != tokens:
                 break
-            self.num_prefix_hits += 1
+            self.stats.prefix_cache_hits += 1
             if self.refcounts[page] == 0:
                 del self.free_pages[page]
             self.refcounts[page] += 1

@@ -1,4 +1,11 @@
-"""Continuous batching: pick the sequences and token counts for each step.
+"""Continuous batching: pick the sequences and token counts for each step, then apply its result.
+
+The step's life cycle (vLLM v1's seam): `schedule()` picks the batch and reserves its pages;
+`update_from_output(scheduler_output, step_result)` applies what the device produced: it advances
+the computed tokens, names newly full pages in the prefix cache, appends the sampled tokens with
+their log-probs, stops sequences at the token level (length, EOS, stop ids, in vLLM's order),
+finishes them, and turns beam-search selections into forks and frees. Stop strings, which need
+text, are the output processor's; it finishes a sequence through `finish_sequence`.
 
 Every step first serves the running sequences in arrival order (a decode needs one token, a
 sequence still in prefill takes a chunk), then brings back swapped-out ones, then admits waiting
@@ -21,78 +28,77 @@ import dataclasses
 import logging
 from collections import deque
 
+from jpaged.core.beam_search import select_beams
 from jpaged.core.block_manager import BlockManager
+from jpaged.core.request import Request
 from jpaged.core.sequence import Sequence, SequenceStatus
-from jpaged.sampling_params import SamplingParams
+from jpaged.core.stats import Stats
+from jpaged.core.step import ScheduledSeq, SchedulerOutput, SeqUpdate, StepResult
+from jpaged.outputs import Logprob
 
 logger = logging.getLogger("jpaged")
 PREEMPTION_MODES = ("recompute", "swap")
-
-
-@dataclasses.dataclass(frozen=True)
-class ScheduledSeq:
-    """One sequence's share of a step, as plain data for the runner and sampler.
-
-    NOTE: `token_ids` is the sequence's own list (prompt + output so far), handed over without a
-    copy; the runner and sampler only read it, and only before the engine appends this step's token.
-    """
-    seq_id: int
-    request_id: str
-    num_computed_tokens: int     # positions num_computed_tokens .. + num_new_tokens - 1 run now
-    num_new_tokens: int          # 0 for a sample forked this step: it reuses the row before it
-    token_ids: list[int]
-    num_prompt_tokens: int
-    block_table: tuple[int, ...]  # page ids covering every token computed so far and now
-    params: SamplingParams
-    seed: int                    # per-sequence sampling seed
-
-    @property
-    def samples(self) -> bool:
-        """Whether this step computes the sequence's last token, so its sample is kept."""
-        return self.num_computed_tokens + self.num_new_tokens == len(self.token_ids)
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-
-@dataclasses.dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSeq]
-    preempted: list[int]                       # seq ids preempted by this step
-    # Page moves the runner applies before the step, in this order:
-    swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (device, host)
-    swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)   # (host, device)
-    pages_to_copy: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
+__all__ = ["Scheduler", "SchedulerOutput", "ScheduledSeq", "StepResult", "SeqUpdate",
+           "PREEMPTION_MODES"]
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 preemption_mode: str = "recompute"):
+                 preemption_mode: str = "recompute", *, eos_token_ids: tuple[int, ...] = (),
+                 max_model_len: int | None = None, stats: Stats | None = None):
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode={preemption_mode!r} is not one of {PREEMPTION_MODES}")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.preemption_mode = preemption_mode
+        self.eos_token_ids = tuple(eos_token_ids)   # stop a sequence (unless ignore_eos)
+        self.max_model_len = max_model_len
+        self.stats = stats or block_manager.stats
+        self.requests: dict[str, Request] = {}     # the registry of live requests
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
-        self.num_preemptions = {"recompute": 0, "swap": 0}
-        self.num_swapped_out_pages = 0
-        self.num_swapped_in_pages = 0
-        self.num_cached_tokens = 0               # prompt tokens served by the prefix cache
 
-    def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+    # ---- requests in and out ------------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.append(request.seqs[0])      # samples / beams come from it by forks
+
+    def abort_request(self, request_id: str) -> Request | None:
+        """Drop a request wherever its sequences are (with samples not forked yet) and free its
+        pages; None when it is unknown or already finished."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self._release(seq, "abort")
+        return request
+
+    def finish_sequence(self, seq: Sequence, reason: str,
+                        stop_reason: int | str | None = None) -> None:
+        """End a running sequence (a stop string found by the output processor, or a token-level
+        stop here): its pages are freed; its request leaves the registry once all are done."""
+        self._release(seq, reason, stop_reason)
+        request = self.requests.get(seq.request_id)
+        if request is not None and request.finished:
+            del self.requests[seq.request_id]
+
+    def _release(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """Take `seq` (and the samples it has not forked yet) out of every queue and free its
+        device and host pages."""
+        for queue in (self.running, self.waiting, self.swapped):
+            if seq in queue:
+                queue.remove(seq)
+        self.block_manager.free(seq)
+        self.block_manager.drop_host_pages(seq)
+        for child in [seq, *seq.pending_forks]:
+            child.status = SequenceStatus.FINISHED
+            child.finish_reason, child.stop_reason = reason, stop_reason
+        seq.pending_forks = []
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
@@ -145,7 +151,7 @@ class Scheduler:
             self.swapped.popleft()
             moves = bm.swap_in(seq)
             step.out.swap_in += moves
-            self.num_swapped_in_pages += len(moves)
+            self.stats.swapped_in_pages += len(moves)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             assert bm.allocate(seq, seq.num_computed_tokens + n)
@@ -164,7 +170,7 @@ class Scheduler:
                 bm.free(seq)                                  # give the matched pages back
                 seq.num_computed_tokens = 0
                 return
-            self.num_cached_tokens += cached
+            self.stats.num_cached_tokens += cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -184,7 +190,7 @@ class Scheduler:
             step.add(child, 0)
         seq.pending_forks = []
 
-    def fork(self, parent: Sequence, child: Sequence) -> Sequence:
+    def _fork(self, parent: Sequence, child: Sequence) -> Sequence:
         """Make `child` a copy of `parent` sharing its pages (beam search): same tokens and
         progress, refcounts up; it runs (or waits) where the parent does."""
         child.token_ids = list(parent.token_ids)
@@ -211,10 +217,10 @@ class Scheduler:
         if self.preemption_mode == "swap" and bm.can_swap_out(seq):
             moves = bm.swap_out(seq)
             out.swap_out += moves
-            self.num_swapped_out_pages += len(moves)
+            self.stats.swapped_out_pages += len(moves)
             seq.status = SequenceStatus.SWAPPED
             self.swapped.appendleft(seq)
-            self.num_preemptions["swap"] += 1
+            self.stats.preemptions_swap += 1
             return
         if self.preemption_mode == "swap":
             logger.warning("swap space full (%d free host pages, sequence %d needs %d): preempting "
@@ -228,7 +234,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
-        self.num_preemptions["recompute"] += 1
+        self.stats.preemptions_recompute += 1
 
     def preempt_all_running(self) -> list[int]:
         """Preempt every running and swapped sequence by recompute (their KV went stale, e.g. new
@@ -241,24 +247,105 @@ class Scheduler:
             self._recompute(self.running.pop())
         return preempted
 
-    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
-        seq.status = SequenceStatus.FINISHED
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        self.running.remove(seq)
-        self.block_manager.free(seq)
+    # ---- applying a step's result ---------------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, result: StepResult) -> list[SeqUpdate]:
+        """Apply what the device produced for `out` (see the module docstring). Returns the
+        sequences that received tokens, and the beam searches that advanced, in row order."""
+        updates: list[SeqUpdate] = []
+        beams: dict[str, Request] = {}
+        for i, row in enumerate(out.scheduled):
+            request = self.requests[row.request_id]
+            seq = request.seq(row.seq_id)
+            seq.num_computed_tokens += row.num_new_tokens
+            self.block_manager.commit(seq)
+            if not row.samples:
+                continue
+            if request.beam is not None:          # candidates only: the selection appends
+                k = request.beam.num_candidates
+                request.candidates[seq.seq_id] = [
+                    (int(t), float(lp)) for t, lp in zip(result.top_ids[i, 0, :k],
+                                                         result.top_logprobs[i, 0, :k])]
+                beams[request.request_id] = request
+                continue
+            updates.append(SeqUpdate(request, seq, self._append(seq, result, i)))
+        for request in beams.values():
+            if request.beams_ready:
+                self._advance_beams(request)
+                updates.append(SeqUpdate(request, None, []))
+        return updates
 
-    def abort(self, seq: Sequence) -> None:
-        """Drop a sequence wherever it is (e.g. a request cancelled by the caller), with the
-        samples it has not forked yet."""
-        for queue in (self.running, self.waiting, self.swapped):
-            if seq in queue:
-                queue.remove(seq)
-        self.block_manager.free(seq)
-        self.block_manager.drop_host_pages(seq)
-        for child in [seq, *seq.pending_forks]:
-            child.status = SequenceStatus.FINISHED
-            child.finish_reason = "abort"
-        seq.pending_forks = []
+    def _append(self, seq: Sequence, result: StepResult, row: int) -> list[int]:
+        """Append row `row`'s tokens to `seq` until one stops it; returns those appended."""
+        appended = []
+        for j, token in enumerate(result.tokens(row)):
+            seq.token_ids.append(token)
+            appended.append(token)
+            self.stats.num_generation_tokens += 1
+            if seq.params.logprobs is not None:
+                _record_logprobs(seq, token, result, row, j)
+            finish = self._token_stop(seq, token)
+            if finish is not None:
+                self.finish_sequence(seq, *finish)
+                break
+        return appended
+
+    def _token_stop(self, seq: Sequence, token: int) -> tuple[str, int | None] | None:
+        """vLLM's check_stop order: the length cap, then (past min_tokens) EOS, then stop ids.
+        Under min_tokens the sampler has banned both, so they cannot appear there anyway."""
+        p = seq.params
+        if seq.num_output_tokens >= seq.max_tokens or \
+                (self.max_model_len is not None and seq.num_tokens >= self.max_model_len):
+            return ("length", None)
+        if seq.num_output_tokens < p.min_tokens:
+            return None
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return ("stop", None)
+        if token in p.stop_token_ids:
+            return ("stop", token)
+        return None
+
+    def _advance_beams(self, request: Request) -> None:
+        """Select a beam search's next beams (beam_search.select_beams) and make them: a parent
+        chosen twice is forked (pages shared, copy-on-write later), a parent chosen by none is
+        freed now. When the search is done every live beam is freed and the request retires."""
+        beams = [(tuple(seq.output_token_ids), seq.cumulative_logprob) for seq in request.seqs]
+        selection = select_beams(request.beam, request.finished_beams, beams,
+                                 [request.candidates.pop(seq.seq_id) for seq in request.seqs])
+        request.finished_beams = selection.finished
+        first_pick, new = {}, []
+        for c in selection.beams:               # forks first: they copy the parent's tokens
+            parent = request.seqs[c.parent]
+            if c.parent in first_pick:
+                child = Sequence(parent.request_id, len(new), [], parent.params, parent.seed,
+                                 parent.max_tokens)
+                new.append((self._fork(parent, child), c))
+            else:
+                first_pick[c.parent] = c
+        for i, seq in enumerate(request.seqs):
+            if i not in first_pick:               # a beam no candidate extends
+                self._release(seq, "abort")
+        extended = [(request.seqs[i], c) for i, c in first_pick.items()] + new
+        for seq, c in extended:
+            seq.token_ids.append(c.token)
+            seq.cumulative_logprob = c.score
+            seq.extra_seats = 0                   # the beams exist now: no more seats held
+        request.seqs = [seq for seq, _ in extended]
+        if selection.done:
+            request.beams_done = True
+            del self.requests[request.request_id]
+
+
+def _record_logprobs(seq: Sequence, token: int, result: StepResult, row: int, j: int) -> None:
+    """The sampled token's log-prob and the top `params.logprobs` (vLLM's entry: the sampled
+    token first, then the top ones by rank)."""
+    k = seq.params.logprobs
+    logprob = float(result.logprobs[row, j])
+    seq.cumulative_logprob += logprob
+    entry = {token: Logprob(logprob)}
+    for rank, (tid, tlp) in enumerate(zip(result.top_ids[row, j, :k],
+                                          result.top_logprobs[row, j, :k])):
+        entry.setdefault(int(tid), Logprob(float(tlp), rank + 1))
+    seq.logprobs.append(entry)
 
 
 @dataclasses.dataclass

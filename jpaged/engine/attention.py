@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.models.llama import AttentionFns, reference_attention
+from jpaged.models import AttentionFns, reference_attention
 
 logger = logging.getLogger("jpaged")
 BACKENDS = ("auto", "reference", "triton", "mosaic")

@@ -1,7 +1,10 @@
 """LLMEngine: requests in, continuous-batching steps, RequestOutputs out.
 
-The host side (queues, block tables, refcounts, stop checks) lives here and in the scheduler and
-block manager; the device side is one jitted step per shape bucket plus a jitted sampler.
+One step:  drain the typed calls (calls.py)  ->  Scheduler.schedule()  ->  ModelRunner.execute()
+           ->  Scheduler.update_from_output()  ->  OutputProcessor.process()
+The host side (queues, block tables, refcounts, token-level stops, beam forks) is the core's
+(jpaged/core); the device side is one jitted step per shape bucket plus a jitted sampler (runner.py);
+text, stop strings and RequestOutputs are the output processor's.
 """
 
 from __future__ import annotations
@@ -18,21 +21,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jpaged.core.beam_search import BeamSearch
 from jpaged.core.block_manager import BlockManager
-from jpaged.core.scheduler import PREEMPTION_MODES, ScheduledSeq, Scheduler
-from jpaged.core.sequence import Sequence
-from jpaged.engine.attention import ProbeShape, select_attention
-from jpaged.engine.beam_search import BeamRequest, BeamSearch
-from jpaged.engine.compilation_cache import enable_compilation_cache
-from jpaged.engine.output_processor import OutputProcessor, RequestState
-from jpaged.engine.runner import ModelRunner
-from jpaged.engine.sampler import SamplerOutput
-from jpaged.models.llama import CausalLM, KVCache
+from jpaged.core.request import Request
+from jpaged.core.scheduler import PREEMPTION_MODES, Scheduler
+from jpaged.core.stats import Stats
 from jpaged.distributed import CallLog, exit_on_peer_failure
-from jpaged.parallel import TensorParallel
+from jpaged.engine.attention import ProbeShape, select_attention
+from jpaged.engine.buckets import BucketPolicy, WarmupStep
+from jpaged.engine.calls import AbortRequest, AddRequest, EngineCall, StopFollowers
+from jpaged.engine.compilation_cache import enable_compilation_cache
+from jpaged.engine.input_processor import InputProcessor
+from jpaged.engine.output_processor import OutputProcessor
+from jpaged.engine.runner import ModelRunner
+from jpaged.models import CausalLM, KVCache
 from jpaged.outputs import RequestOutput
-from jpaged.sampling_params import (MAX_LOGPROBS, BeamSearchParams, RequestOutputKind,
-                                    SamplingParams)
+from jpaged.parallel import TensorParallel
+from jpaged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 logger = logging.getLogger("jpaged")
 _GIB = 1 << 30
@@ -61,6 +66,9 @@ class EngineConfig:
     seed: int = 0
     # vLLM's name: shard weights and KV cache over a mesh of this many devices (jpaged/parallel.py)
     tensor_parallel_size: int = 1
+    # a step whose bucket is not compiled runs in a compiled stand-in while its own compiles on a
+    # background thread (runner.py; the server's mode; ignored with several processes)
+    compile_in_background: bool = False
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -101,8 +109,7 @@ class LLMEngine:
         # (replicated, jpaged/parallel.py); self.model_config stays the checkpoint's.
         self.parallel = TensorParallel.create(mc, config.tensor_parallel_size) \
             if config.tensor_parallel_size > 1 else None
-        run_config = self.parallel.model_config if self.parallel else mc
-        self._run_config = run_config
+        self._run_config = run_config = self.parallel.model_config if self.parallel else mc
         num_pages = self._choose_num_pages()
         capacity = (num_pages - 1) * config.page_size
         if self.max_model_len > capacity:
@@ -116,35 +123,39 @@ class LLMEngine:
         page_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype)
         num_host_pages = int(config.swap_space * _GIB // page_bytes) \
             if config.preemption_mode == "swap" else 0
+        eos_token_ids = tuple(checkpoint.eos_token_ids)
+        self._stats = Stats(kv_page_size=config.page_size)
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching,
-                                          num_host_pages)
+                                          num_host_pages, stats=self._stats)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   config.max_num_batched_tokens, config.preemption_mode)
+                                   config.max_num_batched_tokens, config.preemption_mode,
+                                   eos_token_ids=eos_token_ids, max_model_len=self.max_model_len,
+                                   stats=self._stats)
+        buckets = BucketPolicy(max_num_seqs=config.max_num_seqs,
+                               max_num_batched_tokens=config.max_num_batched_tokens,
+                               max_model_len=self.max_model_len, page_size=config.page_size)
         # NOTE: start-up. Zero-filling the KV pool (GiBs on CPU) is bound by page faults; it runs
         # on a thread while this one lays out the weights (ModelRunner), so the two overlap.
         with ThreadPoolExecutor(1, thread_name_prefix="jpaged-kv-alloc") as allocator:
-            self.runner = ModelRunner(model, params, allocator.submit(self._zeros_cache, num_pages),
-                                      max_num_seqs=config.max_num_seqs,
-                                      max_num_batched_tokens=config.max_num_batched_tokens,
-                                      max_model_len=self.max_model_len, num_host_pages=num_host_pages,
-                                      shardings=self.parallel.step_shardings(params)
-                                      if self.parallel else None)
-        self.output_processor = OutputProcessor(self.tokenizer, tuple(checkpoint.eos_token_ids),
-                                                self.max_model_len)
+            self.runner = ModelRunner(
+                model, params, allocator.submit(self._zeros_cache, num_pages), buckets,
+                eos_token_ids=eos_token_ids, max_model_len=self.max_model_len,
+                num_host_pages=num_host_pages, stats=self._stats,
+                shardings=self.parallel.step_shardings(params) if self.parallel else None,
+                compile_in_background=config.compile_in_background and jax.process_count() == 1)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.input_processor = InputProcessor(
+            self.tokenizer, self.output_processor.tokenizer_lock, vocab_size=mc.vocab_size,
+            max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs)
         # NOTE: threads. add_request and abort_request may be called from any thread (a server's
-        # event loop) while another runs step(): they validate and register under a small lock
-        # and leave the scheduler's queues to step(), which drains the inbox first.
-        self.requests: dict[str, RequestState] = {}
+        # event loop) while another runs step(): they validate, register the request's output
+        # state (under the output processor's lock) and leave a typed call in the inbox; only
+        # step() touches the scheduler, draining the inbox first.
         self.call_log = CallLog() if jax.process_count() > 1 else None
         self.stopped = False                   # a follower's run_follower returns once set
-        self._lock = threading.Lock()
-        self._inbox: collections.deque[tuple[str, RequestState | str]] = collections.deque()
-        self._seqs: dict[int, Sequence] = {}       # seq id -> live sequence (step thread only)
+        self._inbox: collections.deque[EngineCall] = collections.deque()
         self._rng = np.random.default_rng(config.seed)
-        self.num_steps = 0
         self.last_scheduled = None             # the SchedulerOutput of the latest step
-        self.step_seconds = 0.0
-        self.peak_pages_used = 0
         kv_bytes = KVCache.bytes_per_page(run_config, config.page_size, self.dtype) * num_pages
         logger.info("KV cache: %d pages x %d tokens (%d tokens, %.2f GiB %s) on %s; max_model_len=%d, "
                     "max_num_seqs=%d, max_num_batched_tokens=%d, prefix caching %s", num_pages,
@@ -154,87 +165,68 @@ class LLMEngine:
 
     # ---- public API ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | dict | list[int],
-                    params: SamplingParams | None = None) -> None:
-        """Validate and queue a request; raises ValueError naming the problem, leaving the engine
-        and its other requests untouched."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        text, token_ids = self._tokenize(prompt)
-        self._validate_prompt(token_ids)
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"SamplingParams: n={params.n} is more than max_num_seqs="
-                             f"{self.config.max_num_seqs} (all n samples run together); lower n or "
-                             f"raise max_num_seqs")
-        vocab = self.model_config.vocab_size
-        if any(t >= vocab for t in params.stop_token_ids):
-            raise ValueError(f"SamplingParams: stop_token_ids {params.stop_token_ids} has ids outside "
-                             f"the vocabulary (vocab size {vocab}); give ids below {vocab}")
-        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(token_ids))
-        base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**32))
-        seqs = [Sequence(request_id, i, token_ids, params, (base_seed + i * 0x9E3779B9) % 2**32,
-                         max_tokens) for i in range(params.n)]
-        seqs[0].pending_forks = seqs[1:]       # forked off sample 0 when its prompt is computed
-        self._register(self.output_processor.new_request(request_id, text, token_ids, params, seqs))
-        if self.call_log is not None:          # replayed by the other processes, same seed
-            self.call_log.record(("add", request_id, {"prompt": text, "prompt_token_ids": token_ids},
-                                  dataclasses.replace(params, seed=base_seed)))
+                    params: SamplingParams | BeamSearchParams | None = None) -> None:
+        """Validate and queue a request (a BeamSearchParams makes it a beam search); raises
+        ValueError naming the problem, leaving the engine and its other requests untouched."""
+        if isinstance(params, BeamSearchParams):
+            return self.add_beam_request(request_id, prompt, params)
+        params = self.input_processor.sampling_params(params)
+        text, token_ids = self.input_processor.prompt(prompt)
+        if params.seed is None:                # resolved here, so every process samples alike
+            params = dataclasses.replace(params, seed=int(self._rng.integers(2**32)))
+        self._accept(AddRequest(request_id, {"prompt": text, "prompt_token_ids": token_ids},
+                                params), params, params.n)
 
     def add_beam_request(self, request_id: str, prompt: str | dict | list[int],
                          params: BeamSearchParams) -> None:
-        """Queue a beam search (see engine/beam_search.py); its one output, when finished, holds
+        """Queue a beam search (see core/beam_search.py); its one output, when finished, holds
         the beam_width best hypotheses, best first."""
         if not isinstance(params, BeamSearchParams):
             raise ValueError(f"beam search params must be a BeamSearchParams, got "
                              f"{type(params).__name__}")
-        text, token_ids = self._tokenize(prompt)
-        self._validate_prompt(token_ids)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(token_ids))
-        search = BeamSearch(params.beam_width, max_tokens, self.eos_token_ids, params.ignore_eos,
-                            params.length_penalty)
-        if search.num_candidates > MAX_LOGPROBS:
-            raise ValueError(f"BeamSearchParams: beam_width={params.beam_width} needs the top "
-                             f"{search.num_candidates} log-probs per beam ({len(self.eos_token_ids)} "
-                             f"EOS ids), more than {MAX_LOGPROBS}; lower beam_width")
-        if params.beam_width > self.config.max_num_seqs:
-            raise ValueError(f"BeamSearchParams: beam_width={params.beam_width} is more than "
-                             f"max_num_seqs={self.config.max_num_seqs}; lower it or raise max_num_seqs")
-        sampling = SamplingParams(temperature=0.0, logprobs=search.num_candidates,
-                                  max_tokens=max_tokens, ignore_eos=True,
-                                  output_kind=RequestOutputKind.FINAL_ONLY)
-        first = Sequence(request_id, 0, token_ids, sampling, 0, max_tokens)
-        first.extra_seats = params.beam_width - 1         # its beams' seats, held from admission
-        state = self.output_processor.new_request(request_id, text, token_ids, sampling, [first])
-        state.beam = BeamRequest(search, first)
-        self._register(state)
-        if self.call_log is not None:
-            self.call_log.record(("beam", request_id, {"prompt": text, "prompt_token_ids": token_ids},
-                                  params))
-
-    def _register(self, state: RequestState) -> None:
-        with self._lock:
-            if state.request_id in self.requests:
-                raise ValueError(f"request_id {state.request_id!r} is already in use; give each "
-                                 f"request a unique id")
-            self.requests[state.request_id] = state
-            self._inbox.append(("add", state))
+        text, token_ids = self.input_processor.prompt(prompt)
+        search = self.input_processor.beam_search(self._beam_search(params, len(token_ids)))
+        self._accept(AddRequest(request_id, {"prompt": text, "prompt_token_ids": token_ids},
+                                params), self._beam_sampling(search), 1)
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request wherever it is and free its pages (at the start of the next step when
         called while a step runs). Unknown or finished ids are ignored."""
-        self._inbox.append(("abort", request_id))
-        if self.call_log is not None:
-            self.call_log.record(("abort", request_id))
+        self._submit(AbortRequest(request_id))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._inbox) or self.scheduler.has_unfinished()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prompt prefix (vLLM's name); pages in use are untouched."""
+        self.block_manager.reset_prefix_cache()
+
+    def warmup_plan(self) -> list[WarmupStep]:
+        """The buckets `warm_up` compiles by default (engine/buckets.py)."""
+        return self.runner.buckets.warmup_plan()
+
+    def warm_up(self, plan: list[WarmupStep] | None = None) -> int:
+        """Compile the step buckets of `plan` (default: warmup_plan()) and the sampler variants
+        before serving, so the first clients do not wait on XLA; returns the variants compiled
+        (or loaded from JAX's persistent compilation cache)."""
+        plan = self.warmup_plan() if plan is None else plan
+        before, start = self._stats.num_compilations, time.perf_counter()
+        logger.info("warm-up: compiling %d step buckets (decode B x P, single-request prefill T x "
+                    "P, mixed-batch stand-ins)", len(plan))
+        self.runner.warm_up(plan)
+        compiled = self._stats.num_compilations - before
+        logger.info("warm-up: %d buckets ready in %.1fs (%d step and sampler variants compiled or "
+                    "loaded from the compilation cache)", len(plan), time.perf_counter() - start,
+                    compiled)
+        return compiled
+
     def update_params(self, params) -> None:
         """Swap the model weights in place, without a restart (RL / fine-tuning loops).
 
-        `params` must match the current tree leaf for leaf in shape, dtype and sharding, so no
-        step compiles again; ValueError names the first mismatched leaf otherwise. Call it between
-        steps, from the thread that runs step().
+        `params` (the layout of jpaged/models/weights.py, either placement) must match the
+        current tree leaf for leaf in shape, dtype and sharding, so no step compiles again;
+        ValueError names the first mismatched leaf otherwise. Call it between steps, from the
+        thread that runs step().
         NOTE: KV computed under the old weights is stale. Every running sequence is preempted by
         recompute (it resumes, prompt and output so far, under the new weights; tokens already
         generated are kept) and the prefix cache is reset.
@@ -266,22 +258,48 @@ class LLMEngine:
                 exit_on_peer_failure(exc)
             raise
         finally:
-            self.step_seconds += time.perf_counter() - start
+            self._stats.step_seconds += time.perf_counter() - start
+
+    def stats(self) -> Stats:
+        """A snapshot of the engine's counters (core/stats.py) with the gauges read now: KV
+        pages total/used/cached/free, queues, prefix cache, preemptions, swaps, compilations,
+        stand-in steps, time. Read it on the thread that runs step() while steps run."""
+        bm, sched, stats = self.block_manager, self.scheduler, self._stats.copy()
+        cached_free = bm.num_cached_free_pages
+        stats.kv_pages_total = bm.num_usable_pages
+        stats.kv_pages_used = bm.num_usable_pages - bm.num_free_pages
+        stats.kv_pages_cached = cached_free
+        stats.kv_pages_free = bm.num_free_pages - cached_free
+        stats.host_pages_used = bm.num_host_pages - len(bm.free_host_pages)
+        stats.num_seqs_running, stats.num_seqs_waiting, stats.num_seqs_swapped = (
+            len(sched.running), len(sched.waiting), len(sched.swapped))
+        stats.num_requests_running = len({seq.request_id for seq in sched.running})
+        stats.num_requests_waiting = len({seq.request_id for seq in (*sched.waiting,
+                                                                     *sched.swapped)})
+        return stats
+
+    @property
+    def params(self):
+        """The weights as the engine runs them (the layout of jpaged/models/weights.py)."""
+        return self.runner.params
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """The model's EOS ids: they stop a sequence (unless ignore_eos) and are banned under
+        min_tokens."""
+        return self.scheduler.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        self.scheduler.eos_token_ids = self.runner.eos_token_ids = tuple(ids)
 
     # ---- multi-process (jpaged/distributed.py) ---------------------------------------------
-    def _replay(self, calls: list[tuple]) -> None:
+    def _replay(self, calls: list[EngineCall]) -> None:
         """Process 0's calls since the last step; on process 0 itself they already happened."""
         if self.call_log.is_leader:
             return
         for call in calls:
-            if call[0] == "add":
-                self.add_request(*call[1:])
-            elif call[0] == "beam":
-                self.add_beam_request(*call[1:])
-            elif call[0] == "abort":
-                self.abort_request(call[1])
-            elif call[0] == "stop":
-                self.stopped = True
+            call.replay(self)
 
     def run_follower(self) -> None:
         """On a process other than 0: step in lockstep with process 0 until it stops us."""
@@ -291,22 +309,68 @@ class LLMEngine:
     def stop_followers(self) -> None:
         """On process 0: end the other processes' run_follower (one last, empty-handed step)."""
         if self.call_log is not None and self.call_log.is_leader:
-            self.call_log.record(("stop",))
+            self.call_log.record(StopFollowers())
             self.step()
+
+    # ---- the step --------------------------------------------------------------------------
+    def _accept(self, call: AddRequest, params: SamplingParams, num_samples: int) -> None:
+        """Register a validated request's output state (its id must be new) and queue it."""
+        prompt = call.prompt
+        self.output_processor.add_request(call.request_id, prompt["prompt"],
+                                          prompt["prompt_token_ids"], params, num_samples)
+        self._submit(call)
+
+    def _submit(self, call: EngineCall) -> None:
+        self._inbox.append(call)
+        if self.call_log is not None:          # replayed by the other processes
+            self.call_log.record(call)
 
     def _drain_inbox(self) -> None:
         while self._inbox:
-            action, item = self._inbox.popleft()
-            if action == "add":
-                self._seqs.update((seq.seq_id, seq) for seq in item.seqs)
-                self.scheduler.add(item.seqs[0])
-                continue
-            with self._lock:
-                state = self.requests.pop(item, None)
-            for seq in (state.beam.seqs if state and state.beam else state.seqs if state else []):
-                self._seqs.pop(seq.seq_id, None)
-                if not seq.is_finished:
-                    self.scheduler.abort(seq)
+            call = self._inbox.popleft()
+            if isinstance(call, AddRequest):
+                self.scheduler.add_request(self._make_request(call))
+                self._stats.num_prompt_tokens += len(call.prompt["prompt_token_ids"])
+            elif isinstance(call, AbortRequest):
+                self.scheduler.abort_request(call.request_id)
+                self.output_processor.remove(call.request_id)
+            else:
+                raise TypeError(f"unexpected engine call {call!r}")
+
+    def _make_request(self, call: AddRequest) -> Request:
+        ids, params = call.prompt["prompt_token_ids"], call.params
+        if isinstance(params, BeamSearchParams):
+            search = self._beam_search(params, len(ids))
+            return Request.beam_search(call.request_id, ids, search, self._beam_sampling(search))
+        max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
+        return Request.sampling(call.request_id, ids, params, params.seed, max_tokens)
+
+    def _beam_search(self, params: BeamSearchParams, num_prompt_tokens: int) -> BeamSearch:
+        return BeamSearch(params.beam_width,
+                          min(params.max_tokens, self.max_model_len - num_prompt_tokens),
+                          () if params.ignore_eos else self.eos_token_ids, params.length_penalty)
+
+    @staticmethod
+    def _beam_sampling(search: BeamSearch) -> SamplingParams:
+        """What every beam samples with: greedy, the top K log-probs, EOS left to the search."""
+        return SamplingParams(temperature=0.0, logprobs=search.num_candidates,
+                              max_tokens=search.max_tokens, ignore_eos=True,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
+
+    def _step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        self.last_scheduled = out              # for recover_from_failed_step
+        if out.is_empty:
+            if self.scheduler.waiting:
+                raise RuntimeError("scheduler could not place any waiting sequence; this is a bug")
+            return []
+        bm = self.block_manager
+        self._stats.peak_kv_pages_used = max(self._stats.peak_kv_pages_used,
+                                             bm.num_usable_pages - bm.num_free_pages)
+        result = self.runner.execute(out)
+        self._stats.num_steps += 1
+        updates = self.scheduler.update_from_output(out, result)
+        return self.output_processor.process(updates, self.scheduler.finish_sequence)
 
     def recover_from_failed_step(self) -> list[str]:
         """After step() raised: abort the requests of the step that failed and make the engine
@@ -324,123 +388,14 @@ class LLMEngine:
             self.abort_request(request_id)
         self._drain_inbox()
         if any(leaf.is_deleted() for leaf in jax.tree.leaves(self.runner.kv_cache)):
-            mc, bm = self.model_config, self.block_manager
-            self.runner.kv_cache = self._zeros_cache(bm.num_pages)
+            self.runner.kv_cache = self._zeros_cache(self.block_manager.num_pages)
             preempted = self.scheduler.preempt_all_running()
-            bm.reset_prefix_cache()
+            self.block_manager.reset_prefix_cache()
             logger.warning("the failed step consumed the KV cache: rebuilt it, preempted %d running "
                            "sequences for recompute, reset the prefix cache", len(preempted))
         return failed
 
-    def time_breakdown(self) -> dict[str, float]:
-        """Seconds spent in steps so far: compiling, waiting on the device (model + sampler), and
-        the rest, i.e. host work (scheduling, input building, output processing, dispatch)."""
-        r = self.runner
-        return {"steps": self.step_seconds, "compile": r.compile_seconds,
-                "device_wait": r.device_wait_seconds,
-                "host": self.step_seconds - r.compile_seconds - r.device_wait_seconds}
-
-    def _step(self) -> list[RequestOutput]:
-        out = self.scheduler.schedule()
-        self.last_scheduled = out              # for recover_from_failed_step
-        if out.is_empty:
-            if self.scheduler.waiting:
-                raise RuntimeError("scheduler could not place any waiting sequence; this is a bug")
-            return []
-        bm = self.block_manager
-        self.peak_pages_used = max(self.peak_pages_used, bm.num_usable_pages - bm.num_free_pages)
-        sampled = self.runner.execute(out, self.eos_token_ids)
-        self.num_steps += 1
-        return self._process(out.scheduled, sampled)
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        """The model's EOS ids: they stop a sequence (unless ignore_eos) and are banned under
-        min_tokens. One copy, in the output processor; the sampler gets it each step."""
-        return self.output_processor.eos_token_ids
-
-    @eos_token_ids.setter
-    def eos_token_ids(self, ids) -> None:
-        self.output_processor.eos_token_ids = tuple(ids)
-
-    def _advance_beams(self, beam: BeamRequest) -> None:
-        """Turn a beam request's selection into forks and frees (all freed when it is done)."""
-        new, dropped = beam.advance(self.scheduler)
-        for seq in dropped:
-            del self._seqs[seq.seq_id]
-        self._seqs.update((seq.seq_id, seq) for seq in new)
-
-    def stats(self) -> dict[str, int]:
-        """KV pages (usable total, used, cached-but-free, free), prefix-cache page queries and
-        hits, preemptions by mode, swapped pages, compilations, steps that ran in a stand-in bucket
-        while theirs compiled (ModelRunner.compile_in_background) and queue lengths."""
-        bm, sched = self.block_manager, self.scheduler
-        cached_free = bm.num_cached_free_pages
-        return {
-            "kv_pages_total": bm.num_usable_pages,
-            "kv_pages_used": bm.num_usable_pages - bm.num_free_pages,
-            "kv_pages_cached": cached_free,
-            "kv_pages_free": bm.num_free_pages - cached_free,
-            "prefix_cache_queries": bm.num_prefix_queries,
-            "prefix_cache_hits": bm.num_prefix_hits,
-            "preemptions_recompute": sched.num_preemptions["recompute"],
-            "preemptions_swap": sched.num_preemptions["swap"],
-            "swapped_out_pages": sched.num_swapped_out_pages,
-            "swapped_in_pages": sched.num_swapped_in_pages,
-            "host_pages_used": bm.num_host_pages - len(bm.free_host_pages),
-            "compilations": self.num_compilations,
-            "stand_in_steps": self.runner.num_stand_in_steps,
-            "running": len(sched.running),
-            "waiting": len(sched.waiting),
-            "swapped": len(sched.swapped),
-        }
-
-    @property
-    def num_compilations(self) -> int:
-        return self.runner.num_compilations
-
-    @property
-    def num_preemptions(self) -> int:
-        return sum(self.scheduler.num_preemptions.values())
-
-    @property
-    def num_cached_tokens(self) -> int:
-        return self.scheduler.num_cached_tokens
-
     # ---- internals -------------------------------------------------------------------------
-    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                ids = prompt["prompt_token_ids"]
-                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, (int, np.integer))
-                                                                 for t in ids):
-                    raise ValueError("prompt_token_ids must be a list of ints")
-                return prompt.get("prompt"), [int(t) for t in ids]
-            if "prompt" not in prompt:
-                raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids'; got keys "
-                                 f"{sorted(prompt)}")
-            prompt = prompt["prompt"]
-        if not isinstance(prompt, str):
-            raise ValueError(f"a prompt must be a string or a dict with 'prompt_token_ids'; got "
-                             f"{type(prompt).__name__}")
-        if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer, so text prompts cannot be encoded; "
-                             "pass {'prompt_token_ids': [...]} instead")
-        with self.output_processor.tokenizer_lock:
-            return prompt, list(self.tokenizer(prompt).input_ids)
-
-    def _validate_prompt(self, token_ids: list[int]) -> None:
-        if not token_ids:
-            raise ValueError("The decoder prompt cannot be empty")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"The decoder prompt (length {len(token_ids)}) is longer than the "
-                             f"maximum model length of {self.max_model_len}, leaving no room to "
-                             f"generate; shorten the prompt or raise max_model_len")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"Token id {bad[0]} is out of vocabulary (vocab size {vocab})")
-
     def _zeros_cache(self, num_pages: int) -> KVCache:
         if self.parallel:
             return self.parallel.zeros_cache(num_pages, self.config.page_size, self.dtype)
@@ -465,37 +420,3 @@ class LLMEngine:
             raise ValueError(f"not enough memory for the KV cache ({budget / _GIB:.2f} GiB free, "
                              f"{per_page} bytes per page); lower page_size or free memory")
         return num_pages
-
-    def _process(self, scheduled: list[ScheduledSeq], sampled: SamplerOutput) -> list[RequestOutput]:
-        touched: dict[str, RequestState] = {}
-        for i, row in enumerate(scheduled):
-            seq = self._seqs[row.seq_id]
-            seq.num_computed_tokens += row.num_new_tokens
-            self.block_manager.commit(seq)
-            if not row.samples:
-                continue
-            state = self.requests[seq.request_id]
-            touched[state.request_id] = state
-            if state.beam is not None:        # candidates only: the selection appends tokens
-                state.beam.record(seq, sampled.top_ids[i], sampled.top_logprobs[i])
-                continue
-            token = int(sampled.token_ids[i])
-            seq.token_ids.append(token)
-            if seq.params.logprobs is not None:
-                self.output_processor.record_logprobs(seq, token, float(sampled.logprobs[i]),
-                                                      sampled.top_ids[i], sampled.top_logprobs[i])
-            finish = self.output_processor.check_stop(seq, token, state.detokenizers[seq.index])
-            if finish is not None:
-                self.scheduler.finish(seq, *finish)
-                del self._seqs[seq.seq_id]
-        outputs = []
-        for state in touched.values():
-            if state.beam is not None and state.beam.ready:
-                self._advance_beams(state.beam)
-            output = self.output_processor.make_output(state)
-            if output is not None:
-                outputs.append(output)
-            if state.finished:
-                with self._lock:
-                    self.requests.pop(state.request_id, None)
-        return outputs

@@ -1,8 +1,11 @@
-"""From sampled tokens to what callers see: stop checks, detokenized text, RequestOutputs.
+"""From a step's sequence updates to what callers see: stop strings, detokenized text,
+RequestOutputs.
 
-Each step the engine hands every sampled token here; this decides whether its sequence stops
-(vLLM's order: the length cap, EOS, stop token ids, then stop strings) and builds the step's
-RequestOutputs according to each request's `output_kind` (vLLM's RequestOutputKind):
+The scheduler has already appended each step's tokens and applied the token-level stops (length,
+EOS, stop ids: update_from_output). Here each new token is detokenized, stop strings are searched
+(only in the new text, only past min_tokens; a stop string overrides a length finish), a sequence
+that hits one is finished through the scheduler, and each request's RequestOutput is built as its
+`output_kind` asks (vLLM's RequestOutputKind):
   CUMULATIVE  every step that produced tokens: all text and token ids so far;
   DELTA       every step that produced tokens: only what is new since the last output;
   FINAL_ONLY  once, when the request finishes (what `LLM.generate` uses).
@@ -15,12 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Callable
 
+from jpaged.core.request import Request
 from jpaged.core.sequence import Sequence
-from jpaged.engine.beam_search import BeamRequest
+from jpaged.core.step import SeqUpdate
 from jpaged.engine.detokenizer import IncrementalDetokenizer
-from jpaged.outputs import CompletionOutput, Logprob, RequestOutput
+from jpaged.outputs import CompletionOutput, RequestOutput
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
+
+FinishFn = Callable[[Sequence, str, "int | str | None"], None]
 
 
 @dataclasses.dataclass
@@ -33,93 +40,108 @@ class Sent:
 
 @dataclasses.dataclass
 class RequestState:
+    """What the caller side knows of a request: its prompt text and, per sample, the incremental
+    detokenizer (None: decode once at the end) and how much was sent."""
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    seqs: list[Sequence]
-    detokenizers: list[IncrementalDetokenizer | None]   # per sample; None: decode once at the end
+    detokenizers: list[IncrementalDetokenizer | None]
     sent: list[Sent]
-    beam: BeamRequest | None = None        # a beam-search request (its seqs change every step)
-
-    @property
-    def finished(self) -> bool:
-        if self.beam is not None:
-            return self.beam.search.done
-        return all(seq.is_finished for seq in self.seqs)
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, eos_token_ids: tuple[int, ...], max_model_len: int):
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         # NOTE: a fast tokenizer's encode mutates its Rust state (padding/truncation settings), so
         # encoding on a server's thread while this one decodes can fail ("Already borrowed"):
         # every use of the engine's tokenizer holds this lock.
         self.tokenizer_lock = threading.Lock()
-        self.eos_token_ids = eos_token_ids
-        self.max_model_len = max_model_len
+        self._lock = threading.Lock()
+        self.states: dict[str, RequestState] = {}      # requests whose caller awaits outputs
 
-    def new_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams, seqs: list[Sequence]) -> RequestState:
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, num_samples: int) -> None:
+        """Register a request (any thread); ValueError when its id is in use."""
         incremental = self.tokenizer is not None and (
             bool(params.stop) or params.output_kind is not RequestOutputKind.FINAL_ONLY)
         detokenizers = [IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
                                                params.skip_special_tokens, self.tokenizer_lock)
-                        if incremental else None for _ in seqs]
-        return RequestState(request_id, prompt, prompt_token_ids, params, seqs, detokenizers,
-                            [Sent() for _ in seqs])
+                        if incremental else None for _ in range(num_samples)]
+        state = RequestState(request_id, prompt, prompt_token_ids, params, detokenizers,
+                             [Sent() for _ in range(num_samples)])
+        with self._lock:
+            if request_id in self.states:
+                raise ValueError(f"request_id {request_id!r} is already in use; give each "
+                                 f"request a unique id")
+            self.states[request_id] = state
 
-    def check_stop(self, seq: Sequence, token: int, detok: IncrementalDetokenizer | None
-                   ) -> tuple[str, int | str | None] | None:
-        """(finish_reason, stop_reason) when the token just appended to `seq` ends it, else None.
-        EOS and stop ids are banned under min_tokens by the sampler; stop strings are searched
-        only in the new text, only past min_tokens, and override a length finish."""
+    def remove(self, request_id: str) -> None:
+        with self._lock:
+            self.states.pop(request_id, None)
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self.states
+
+    def process(self, updates: list[SeqUpdate], finish: FinishFn) -> list[RequestOutput]:
+        """Text and stop strings for every update, then one output per request that moved."""
+        touched: dict[str, Request] = {}
+        for update in updates:
+            state = self.states[update.request.request_id]
+            touched[state.request_id] = update.request
+            if update.seq is not None:
+                self._detokenize(update.seq, update.new_token_ids,
+                                 state.detokenizers[update.seq.index], finish)
+        outputs = []
+        for request_id, request in touched.items():
+            output = self._make_output(self.states[request_id], request)
+            if output is not None:
+                outputs.append(output)
+            if request.finished:
+                self.remove(request_id)
+        return outputs
+
+    def _detokenize(self, seq: Sequence, new_tokens: list[int],
+                    detok: IncrementalDetokenizer | None, finish: FinishFn) -> None:
+        """Add the new tokens' text; finish `seq` at the first stop string in it. A stop token's
+        own text (EOS, a stop id) is added only with include_stop_str_in_output."""
         p = seq.params
-        finish = None
-        if seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.max_model_len:
-            finish = ("length", None)
-        elif (is_eos := not p.ignore_eos and token in self.eos_token_ids) or token in p.stop_token_ids:
-            if detok is not None and p.include_stop_str_in_output:
-                detok.add(token)                  # a stop token's text is output only if asked
-            return ("stop", None if is_eos else token)
         if detok is None:
-            return finish
-        checked = len(detok.text)
-        if not detok.add(token) or seq.num_output_tokens <= p.min_tokens:
-            return finish
-        for stop in p.stop:
-            at = detok.text.find(stop, max(0, checked - len(stop) + 1))
-            if at >= 0:
-                detok.text = detok.text[:at + (len(stop) if p.include_stop_str_in_output else 0)]
-                return ("stop", stop)
-        return finish
-
-    @staticmethod
-    def record_logprobs(seq: Sequence, token: int, logprob: float, top_ids, top_logprobs) -> None:
-        k = seq.params.logprobs
-        if k is None:
             return
-        seq.cumulative_logprob += logprob
-        entry = {token: Logprob(logprob)}
-        for rank, (tid, tlp) in enumerate(zip(top_ids[:k], top_logprobs[:k])):
-            entry.setdefault(int(tid), Logprob(float(tlp), rank + 1))
-        seq.logprobs.append(entry)
+        for j, token in enumerate(new_tokens):
+            if j == len(new_tokens) - 1 and seq.finish_reason == "stop":   # stopped by a token
+                if p.include_stop_str_in_output:
+                    detok.add(token)
+                return
+            checked = len(detok.text)
+            num_output = seq.num_output_tokens - (len(new_tokens) - 1 - j)
+            if not detok.add(token) or num_output <= p.min_tokens:
+                continue
+            for stop in p.stop:
+                at = detok.text.find(stop, max(0, checked - len(stop) + 1))
+                if at >= 0:
+                    detok.text = detok.text[:at + (len(stop) if p.include_stop_str_in_output
+                                                   else 0)]
+                    if seq.is_finished:                # it overrides a length finish
+                        seq.finish_reason, seq.stop_reason = "stop", stop
+                    else:
+                        finish(seq, "stop", stop)
+                    return
 
-    def make_output(self, state: RequestState) -> RequestOutput | None:
+    def _make_output(self, state: RequestState, request: Request) -> RequestOutput | None:
         """This step's output for a request that produced tokens, as its output_kind asks."""
-        if state.beam is not None:
-            if not state.beam.search.done:
+        if request.beam is not None:
+            if not request.finished:
                 return None
             return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids,
-                                 state.beam.outputs(state.prompt_token_ids, self.decode),
-                                 finished=True)
+                                 self._beam_outputs(request), finished=True)
         kind = state.params.output_kind
-        finished = state.finished
+        finished = request.finished
         if kind is RequestOutputKind.FINAL_ONLY and not finished:
             return None
         delta = kind is RequestOutputKind.DELTA
         outputs = [self._completion(seq, detok, sent, delta=delta)
-                   for seq, detok, sent in zip(state.seqs, state.detokenizers, state.sent)
+                   for seq, detok, sent in zip(request.seqs, state.detokenizers, state.sent)
                    if not delta or (not sent.done and (seq.num_output_tokens > sent.tokens
                                                        or seq.is_finished))]
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs,
@@ -156,6 +178,16 @@ class OutputProcessor:
         if stopped_by_token and not p.include_stop_str_in_output:
             ids = ids[:-1]
         return self.decode(ids, p.skip_special_tokens)
+
+    def _beam_outputs(self, request: Request) -> list[CompletionOutput]:
+        """The finished hypotheses, best first (vLLM leaves a final EOS out of the text)."""
+        out = []
+        for rank, h in enumerate(request.finished_beams):
+            ends_in_eos = h.output_tokens[-1] in request.beam.eos_token_ids
+            text_ids = h.output_tokens[:-1] if ends_in_eos else h.output_tokens
+            out.append(CompletionOutput(rank, self.decode(list(text_ids)), list(h.output_tokens),
+                                        h.cum_logprob, None, "stop" if ends_in_eos else "length"))
+        return out
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str | None:
         if self.tokenizer is None:

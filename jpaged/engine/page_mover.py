@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jpaged.core.scheduler import SchedulerOutput
-from jpaged.models.llama import KVCache
+from jpaged.core.step import SchedulerOutput
+from jpaged.models import KVCache
 
 
 class PageMover:

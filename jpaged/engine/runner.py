@@ -1,9 +1,7 @@
-"""Turns a SchedulerOutput into padded device inputs and runs the jitted step and sampler.
+"""Runs a SchedulerOutput on the device: page moves, the jitted step of its shape bucket
+(buckets.py, inputs from step_inputs.py), the jitted sampler; returns a StepResult.
 
-NOTE: padding buckets. T (tokens), B (sequences) and P (pages per sequence) are padded up to a
-few fixed sizes so that, after warm-up, no step compiles again. Padding tokens write into the null
-page 0 and padding sequences have q_len = context_len = 0; their logits are computed and ignored.
-Every compiled variant is counted in `num_compilations`.
+Every compiled variant (step bucket, sampler variant) is counted in the engine's Stats.
 NOTE: stand-ins. With `compile_in_background` (the server turns it on), a step whose bucket is not
 compiled yet runs in the cheapest compiled bucket that holds it (more tokens, sequences or pages
 of padding). A stand-in with at most twice the tokens and pages is kept for that bucket for good
@@ -15,7 +13,6 @@ processes that must run the same program (jax.distributed) never stand in.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import queue
@@ -26,33 +23,25 @@ from concurrent.futures import Future
 import jax
 import numpy as np
 
-from jpaged.core.scheduler import ScheduledSeq, SchedulerOutput
+from jpaged.core.stats import Stats
+from jpaged.core.step import ScheduledSeq, SchedulerOutput, StepResult
+from jpaged.engine.buckets import BucketPolicy, StepKey, WarmupStep
 from jpaged.engine.page_mover import PageMover
-from jpaged.engine.sampler import (SamplerFlags, SamplerOutput, SamplingTensors,
-                                   build_sampling_tensors, sample)
-from jpaged.models.llama import AttentionMetadata, CausalLM, KVCache, split_layer_weights
+from jpaged.engine.sampler import SamplerFlags, SamplingTensors, build_sampling_tensors, sample
+from jpaged.engine.step_inputs import StepInputs, build_step_inputs
+from jpaged.models import CausalLM, KVCache, arrange_layers
+from jpaged.models.weights import is_per_layer, stacked_shapes
+from jpaged.sampling_params import SamplingParams
 
 logger = logging.getLogger("jpaged")
-
-
-@dataclasses.dataclass
-class StepInputs:
-    token_ids: jax.Array          # [T] int32
-    positions: jax.Array          # [T] int32
-    metadata: AttentionMetadata
-
-
-jax.tree_util.register_dataclass(StepInputs, data_fields=["token_ids", "positions", "metadata"],
-                                 meta_fields=[])
-
-
-@dataclasses.dataclass(frozen=True)
-class StepKey:
-    """One shape bucket of the step: one compiled executable each."""
-    num_tokens: int      # T, padded
-    num_seqs: int        # B, padded
-    num_pages: int       # P, block-table width, padded
-    decode_only: bool
+# The sampler variants warm_up compiles for every batch bucket: greedy and random, each with and
+# without min_tokens' EOS ban (the fake rows have 1 output token), and top-p (what OpenAI clients
+# send most).
+_WARMUP_SAMPLERS = (SamplingParams(temperature=0.0, max_tokens=1),
+                    SamplingParams(temperature=0.0, max_tokens=2, min_tokens=2),
+                    SamplingParams(temperature=1.0, max_tokens=1),
+                    SamplingParams(temperature=1.0, max_tokens=2, min_tokens=2),
+                    SamplingParams(temperature=1.0, top_p=0.9, max_tokens=1))
 
 
 def step(model: CausalLM, params, kv_cache: KVCache, batch: StepInputs):
@@ -60,148 +49,105 @@ def step(model: CausalLM, params, kv_cache: KVCache, batch: StepInputs):
     return model.apply({"params": params}, batch.token_ids, batch.positions, kv_cache, batch.metadata)
 
 
-def geometric_buckets(smallest: int, largest: int, per_octave: int = 2) -> list[int]:
-    """`per_octave` sizes between consecutive powers of two (1x, 1.5x for 2; 1x, 1.25x, 1.5x,
-    1.75x for 4), from `smallest` up to and including `largest`."""
-    out, size = set(), smallest
-    while size < largest:
-        out.update(size + size * i // per_octave for i in range(per_octave))
-        size *= 2
-    return sorted(b for b in out | {largest} if b <= largest)
-
-
-def _pick(buckets: list[int], n: int) -> int:
-    return next(b for b in buckets if b >= n)
-
-
 class ModelRunner:
-    def __init__(self, model: CausalLM, params, kv_cache: KVCache | Future, *, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int, num_host_pages: int = 0,
-                 shardings: tuple | None = None):
-        """`kv_cache` may still be being allocated (a Future, resolved after the weights are
-        laid out). `shardings`: (in_shardings, out_shardings) of the step under tensor parallelism
-        (TensorParallel.step_shardings), so the donated cache keeps its sharding step after step."""
+    def __init__(self, model: CausalLM, params, kv_cache: KVCache | Future, buckets: BucketPolicy,
+                 *, eos_token_ids: tuple[int, ...], max_model_len: int, num_host_pages: int = 0,
+                 shardings: tuple | None = None, stats: Stats | None = None,
+                 compile_in_background: bool = False):
+        """`params` in the layout of jpaged/models/weights.py (either placement: they are
+        arranged here, per layer on one CPU device). `kv_cache` may still be being allocated (a
+        Future, resolved after the weights are laid out). `shardings`: (in_shardings,
+        out_shardings) of the step under tensor parallelism (TensorParallel.step_shardings), so
+        the donated cache keeps its sharding step after step. `eos_token_ids` are banned under
+        min_tokens."""
         self.model = model
-        # NOTE: on one CPU device, the layer matmul weights are split per layer so every step reads
-        # them in place instead of copying a dynamic slice each layer (split_layer_weights).
-        # Measured here: decode steps at the copy floor instead of 2x it; mixed steps of 32-128
-        # tokens 45-65 ms faster, equal at 256; the same compile time. Only the checkpoint
-        # layout's shapes are kept (`_layout`, what update_params must match), not its arrays.
-        self._split_layers = shardings is None and all(
-            isinstance(leaf, jax.Array) and {d.platform for d in leaf.devices()} == {"cpu"}
-            for leaf in jax.tree.leaves(params))
-        self._layout = _shapes(params)
-        self.params = split_layer_weights(params) if self._split_layers else params
+        self.stats = stats or Stats()
+        self.params = arrange_layers(params)
         self.kv_cache = kv_cache = kv_cache.result() if isinstance(kv_cache, Future) else kv_cache
         self.page_size = kv_cache.page_size
+        self.buckets = buckets
+        self.eos_token_ids = tuple(eos_token_ids)
         self.vocab_size = model.config.vocab_size
         self.max_model_len = max_model_len
-        self.seq_buckets = geometric_buckets(1, max_num_seqs)
-        self.token_buckets = geometric_buckets(16, max(16, max_num_batched_tokens), per_octave=4)
-        max_pages = -(-max_model_len // self.page_size)
-        # Every padded token costs a full forward, and the reference attention reads every padded
-        # page of the block table, so tokens and pages get finer buckets than sequences (whose
-        # padding only costs LM-head rows).
-        self.page_buckets = geometric_buckets(1, max_pages, per_octave=4)
         self._steps: dict[StepKey, jax.stages.Compiled] = {}
         placement = dict(zip(("in_shardings", "out_shardings"), shardings or ()))
         self._jit_step = jax.jit(functools.partial(step, model), donate_argnames=("kv_cache",),
                                  **placement)
         self.pages = PageMover(kv_cache, num_host_pages)
         self._jit_sample = jax.jit(self._sample_traced, static_argnames=("flags",))
-        self.num_step_compilations = 0
-        self.num_sampler_compilations = 0
-        self.compile_seconds = 0.0               # spent compiling step buckets
-        self.device_wait_seconds = 0.0           # host blocked on the device's results
-        self.compile_in_background = False       # stand in with a compiled bucket (see NOTE)
-        self.num_stand_in_steps = 0              # steps that ran in a larger bucket than theirs
-        self._lock = threading.Lock()            # _steps, _pending and the counters
+        self.compile_in_background = compile_in_background   # stand in (see NOTE)
+        self._lock = threading.Lock()            # _steps, _pending and the compile counters
         self._pending: set[StepKey] = set()      # queued for the background compiler
         self._kept: dict[StepKey, StepKey] = {}  # bucket -> its stand-in for good (see NOTE)
         self._failed: set[StepKey] = set()       # failed there: compile in step, and raise
         self._compile_queue: queue.Queue | None = None
 
     @property
-    def num_compilations(self) -> int:
-        return self.num_step_compilations + self.num_sampler_compilations
+    def compiled_buckets(self) -> frozenset[StepKey]:
+        with self._lock:
+            return frozenset(self._steps)
 
-    def execute(self, out: SchedulerOutput, eos_token_ids: tuple[int, ...]) -> SamplerOutput:
-        """Apply the step's page moves (swaps, copy-on-write), run the step, and sample;
-        `eos_token_ids` are banned for sequences under min_tokens."""
+    def compiled_steps(self) -> dict[StepKey, jax.stages.Compiled]:
+        """Each compiled bucket's executable (e.g. to read its optimised HLO)."""
+        with self._lock:
+            return dict(self._steps)
+
+    @property
+    def kept_stand_ins(self) -> dict[StepKey, StepKey]:
+        """bucket -> the compiled bucket that serves it for good (see NOTE: stand-ins)."""
+        with self._lock:
+            return dict(self._kept)
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        """Apply the step's page moves (swaps, copy-on-write), run the step, and sample."""
         self.kv_cache = self.pages.apply(out, self.kv_cache)
         fn, key, inputs = self._executable(out.scheduled)
         logits, self.kv_cache = fn(self.params, self.kv_cache, inputs)
         tensors, flags = build_sampling_tensors(out.scheduled, key.num_seqs, self.vocab_size,
-                                                self.max_model_len, eos_token_ids)
+                                                self.max_model_len, self.eos_token_ids)
         tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, tensors, flags=flags)
         n = len(out.scheduled)
         waiting = time.perf_counter()
-        rows = [None if x is None else np.asarray(_local(x))[:n]
+        rows = [None if x is None else np.asarray(_local(x))[:n, None]
                 for x in (tokens, logprobs, top_ids, top_lp)]
-        self.device_wait_seconds += time.perf_counter() - waiting
-        return SamplerOutput(*rows)
+        self.stats.device_wait_seconds += time.perf_counter() - waiting
+        return StepResult(token_ids=rows[0], logprobs=rows[1], top_ids=rows[2],
+                          top_logprobs=rows[3])
 
-    def bucket(self, scheduled: list[ScheduledSeq]) -> StepKey:
-        """The smallest bucket that holds these sequences."""
-        num_seqs = len(scheduled)
-        decode_only = all(s.num_new_tokens == 1 for s in scheduled)
-        b_pad = _pick(self.seq_buckets, num_seqs)
-        return StepKey(
-            num_tokens=b_pad if decode_only else _pick(self.token_buckets,
-                                                       sum(s.num_new_tokens for s in scheduled)),
-            num_seqs=b_pad,
-            num_pages=_pick(self.page_buckets, max(len(s.block_table) for s in scheduled)),
-            decode_only=decode_only)
-
-    def prepare_inputs(self, scheduled: list[ScheduledSeq], key: StepKey | None = None
-                       ) -> tuple[StepInputs, StepKey]:
-        """Padded inputs for bucket `key` (default: the smallest that holds them)."""
-        key = key or self.bucket(scheduled)
-        num_seqs = len(scheduled)
-        t_pad, b_pad, p_pad, decode_only = (key.num_tokens, key.num_seqs, key.num_pages,
-                                            key.decode_only)
-        token_ids = np.zeros(t_pad, np.int32)
-        positions = np.zeros(t_pad, np.int32)
-        slot_mapping = np.zeros(t_pad, np.int32)
-        block_tables = np.zeros((b_pad, p_pad), np.int32)
-        context_lens = np.zeros(b_pad, np.int32)
-        query_start_loc = np.zeros(b_pad + 1, np.int32)
-        offset = 0
-        for i, s in enumerate(scheduled):
-            n, start = s.num_new_tokens, s.num_computed_tokens
-            pos = np.arange(start, start + n, dtype=np.int32)
-            block_tables[i, :len(s.block_table)] = s.block_table
-            token_ids[offset:offset + n] = s.token_ids[start:start + n]
-            positions[offset:offset + n] = pos
-            slot_mapping[offset:offset + n] = (block_tables[i, pos // self.page_size] * self.page_size
-                                               + pos % self.page_size)
-            context_lens[i] = start + n
-            offset += n
-            query_start_loc[i + 1] = offset
-        query_start_loc[num_seqs + 1:] = offset
-        metadata = AttentionMetadata(block_tables, slot_mapping, context_lens, query_start_loc,
-                                     decode_only=decode_only)
-        return StepInputs(token_ids, positions, metadata), key
+    def warm_up(self, plan: list[WarmupStep]) -> None:
+        """Compile `plan`'s buckets by running them (with JAX's persistent compilation cache on,
+        a restart loads them from disk), with every sampler variant once per batch size.
+        NOTE: the fake rows' block tables point only at the null page 0, which absorbs their KV
+        writes; no usable page is touched."""
+        start, sampled = time.perf_counter(), set()
+        for i, entry in enumerate(plan):
+            for params in _WARMUP_SAMPLERS[:1] if entry.num_seqs in sampled else _WARMUP_SAMPLERS:
+                self.execute(SchedulerOutput(entry.rows(self.page_size, params), []))
+            sampled.add(entry.num_seqs)
+            if (i + 1) % 20 == 0:
+                logger.info("warm-up: %d/%d buckets (%.0fs)", i + 1, len(plan),
+                            time.perf_counter() - start)
 
     def _executable(self, scheduled: list[ScheduledSeq]):
         """(compiled step, its bucket, inputs padded to it): the exact bucket when compiled; else
         (when compile_in_background) a compiled stand-in, kept or while the exact one compiles in
         the background (see NOTE); else the exact one, compiled now."""
-        key = self.bucket(scheduled)
+        key = self.buckets.key_for(scheduled)
         with self._lock:
             fn = self._steps.get(key)
             stand_in = None if fn or not self.compile_in_background or key in self._failed \
                 else self._kept.get(key) or self._stand_in(key)
         if fn is not None or stand_in is None:
-            inputs, _ = self.prepare_inputs(scheduled, key)
+            inputs = build_step_inputs(scheduled, key, self.page_size)
             return fn or self._compile(key, inputs), key, inputs
         if stand_in.num_tokens <= 2 * key.num_tokens and stand_in.num_pages <= 2 * key.num_pages:
-            self._kept[key] = stand_in
+            with self._lock:
+                self._kept[key] = stand_in
         else:
-            self._compile_later(key, self.prepare_inputs(scheduled, key)[0])
-        self.num_stand_in_steps += 1
+            self._compile_later(key, build_step_inputs(scheduled, key, self.page_size))
+        self.stats.num_stand_in_steps += 1
         logger.debug("step bucket %s not compiled: running in %s", key, stand_in)
-        inputs, _ = self.prepare_inputs(scheduled, stand_in)
+        inputs = build_step_inputs(scheduled, stand_in, self.page_size)
         return self._steps[stand_in], stand_in, inputs
 
     def _stand_in(self, key: StepKey) -> StepKey | None:
@@ -250,23 +196,28 @@ class ModelRunner:
             time.sleep(0.05)
 
     def swap_params(self, params) -> None:
-        """Replace the weights with a tree of the same layout, so the compiled steps still fit.
-
-        NumPy leaves are placed like the leaves they replace; jax.Array leaves must already be.
-        """
-        current, treedef = jax.tree_util.tree_flatten_with_path(self._layout)
-        new, new_treedef = jax.tree_util.tree_flatten_with_path(params)
-        if new_treedef != treedef:
+        """Replace the weights with a tree of the same layout, shapes, dtypes and shardings (in
+        either placement), so the compiled steps still fit; ValueError names the first leaf that
+        differs (in the stacked placement's terms). NumPy leaves are placed like the leaves they
+        replace; jax.Array leaves must already be."""
+        current, treedef = jax.tree_util.tree_flatten_with_path(stacked_shapes(self.params))
+        given, given_treedef = jax.tree_util.tree_flatten_with_path(stacked_shapes(params))
+        if given_treedef != treedef:
             old_paths = {jax.tree_util.keystr(p) for p, _ in current}
-            new_paths = {jax.tree_util.keystr(p) for p, _ in new}
+            new_paths = {jax.tree_util.keystr(p) for p, _ in given}
             raise ValueError(f"update_params: the params tree differs from the engine's: missing "
                              f"{sorted(old_paths - new_paths)[:4]}, unexpected "
                              f"{sorted(new_paths - old_paths)[:4]}; pass the same tree as the "
                              f"loaded checkpoint's params (jpaged.load gives it)")
-        placed = jax.tree.unflatten(treedef, [
-            _same_layout(jax.tree_util.keystr(path), old, leaf)
-            for (path, old), (_, leaf) in zip(current, new)])
-        self.params = split_layer_weights(placed) if self._split_layers else placed
+        for (path, old), (_, new) in zip(current, given):
+            if (new.shape, new.dtype) != (old.shape, old.dtype):
+                raise ValueError(
+                    f"update_params: params{jax.tree_util.keystr(path)} is "
+                    f"{new.dtype}{list(new.shape)} but the engine's is {old.dtype}"
+                    f"{list(old.shape)}; new weights need the same shapes and dtypes (cast with "
+                    f".astype({old.dtype.name!r}) or load with that dtype)")
+        params = arrange_layers(params, per_layer=is_per_layer(self.params))
+        self.params = jax.tree_util.tree_map_with_path(_placed_like, params, self.params)
 
     def _compile(self, key: StepKey, inputs: StepInputs, background: bool = False):
         start = time.perf_counter()
@@ -275,16 +226,16 @@ class ModelRunner:
         seconds = time.perf_counter() - start
         with self._lock:
             self._steps[key] = compiled
-            self.num_step_compilations += 1
-            self.compile_seconds += seconds
-            number = self.num_step_compilations
+            self.stats.num_step_compilations += 1
+            self.stats.compile_seconds += seconds
+            number = self.stats.num_step_compilations
         logger.info("compiled step #%d for %s batch T=%d B=%d P=%d in %.1fs%s", number,
                     "decode" if key.decode_only else "mixed", key.num_tokens, key.num_seqs,
                     key.num_pages, seconds, " (in the background)" if background else "")
         return compiled
 
     def _sample_traced(self, logits, tensors: SamplingTensors, *, flags: SamplerFlags):
-        self.num_sampler_compilations += 1  # runs once per trace, i.e. per compiled variant
+        self.stats.num_sampler_compilations += 1  # runs once per trace, i.e. per compiled variant
         return sample(logits, tensors, flags=flags)
 
 
@@ -298,17 +249,13 @@ def _local(x: jax.Array) -> jax.Array:
     return x if x.is_fully_addressable else x.addressable_data(0)
 
 
-def _same_layout(path: str, old: jax.ShapeDtypeStruct, leaf) -> jax.Array:
-    """`leaf` as a jax.Array laid out like `old`, or a ValueError naming the difference."""
-    shape, dtype = tuple(getattr(leaf, "shape", ())), getattr(leaf, "dtype", type(leaf))
-    if shape != old.shape or dtype != old.dtype:
-        raise ValueError(f"update_params: params{path} is {dtype}{list(shape)} but the engine's is "
-                         f"{old.dtype}{list(old.shape)}; new weights need the same shapes and "
-                         f"dtypes (cast with .astype({old.dtype.name!r}) or load with that dtype)")
+def _placed_like(path, leaf, old: jax.Array) -> jax.Array:
+    """`leaf` (same shape and dtype as `old`) as a jax.Array sharded like `old`, or a ValueError
+    naming the difference."""
     if not isinstance(leaf, jax.Array):
         return jax.device_put(leaf, old.sharding)
     if not old.sharding.is_equivalent_to(leaf.sharding, old.ndim):
-        raise ValueError(f"update_params: params{path} has sharding {leaf.sharding} but the "
-                         f"engine's has {old.sharding}; place it the same way "
-                         f"(jax.device_put(leaf, old_leaf.sharding))")
+        raise ValueError(f"update_params: params{jax.tree_util.keystr(path)} has sharding "
+                         f"{leaf.sharding} but the engine's has {old.sharding}; place it the same "
+                         f"way (jax.device_put(leaf, old_leaf.sharding))")
     return leaf

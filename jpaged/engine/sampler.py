@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.core.scheduler import ScheduledSeq
+from jpaged.core.step import ScheduledSeq
 from jpaged.sampling_params import MAX_LOGPROBS
 
 _NEG_INF = -jnp.inf
@@ -49,14 +49,6 @@ class SamplerFlags:
     use_penalties: bool
     use_bans: bool           # some row is under min_tokens with ids to ban
     logprobs: bool           # any sequence asked for logprobs: return them (top MAX_LOGPROBS too)
-
-
-@dataclasses.dataclass
-class SamplerOutput:
-    token_ids: np.ndarray            # [B]
-    logprobs: np.ndarray | None      # [B] logprob of the sampled token (when asked for)
-    top_ids: np.ndarray | None       # [B, MAX_LOGPROBS]
-    top_logprobs: np.ndarray | None  # [B, MAX_LOGPROBS]
 
 
 def build_sampling_tensors(rows: list[ScheduledSeq], num_rows: int, vocab_size: int,

@@ -31,12 +31,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+from jpaged.core.stats import Stats
 from jpaged.outputs import RequestOutput
 from jpaged.sampling_params import SamplingParams
 
 logger = logging.getLogger("jpaged")
 
-_STATS_PERIOD_S = 0.25      # how often a busy loop refreshes its page/queue snapshot
+_STATS_PERIOD_S = 0.25      # how often a busy loop refreshes its stats snapshot
 
 
 class QueueFullError(RuntimeError):
@@ -49,41 +50,6 @@ class EngineDeadError(RuntimeError):
 
 class EngineStepError(RuntimeError):
     """A step failed while running this request; the request was aborted (HTTP 500)."""
-
-
-@dataclass
-class EngineStats:
-    """A consistent snapshot of the engine's state, taken on the loop thread (the only thread
-    that may read the scheduler and block manager while steps run)."""
-    num_requests_running: int = 0
-    num_requests_waiting: int = 0
-    kv_pages_total: int = 0
-    kv_pages_used: int = 0
-    kv_pages_cached: int = 0            # free pages still holding a reusable prefix
-    prefix_cache_queries: int = 0       # pages looked up in the prefix cache
-    prefix_cache_hits: int = 0
-    num_preemptions: int = 0
-    num_compilations: int = 0
-    num_stand_in_steps: int = 0         # ran in a larger compiled bucket while theirs compiled
-    num_steps: int = 0
-
-
-def engine_stats(engine) -> EngineStats:
-    """`engine.stats()` plus requests (not sequences) running and waiting; loop thread only."""
-    stats, sched = engine.stats(), engine.scheduler
-    return EngineStats(
-        num_requests_running=len({seq.request_id for seq in sched.running}),
-        num_requests_waiting=len({seq.request_id for seq in (*sched.waiting,
-                                                            *getattr(sched, "swapped", ()))}),
-        kv_pages_total=stats["kv_pages_total"],
-        kv_pages_used=stats["kv_pages_used"],
-        kv_pages_cached=stats["kv_pages_cached"],
-        prefix_cache_queries=stats["prefix_cache_queries"],
-        prefix_cache_hits=stats["prefix_cache_hits"],
-        num_preemptions=engine.num_preemptions,
-        num_compilations=stats["compilations"],
-        num_stand_in_steps=stats["stand_in_steps"],
-        num_steps=engine.num_steps)
 
 
 @dataclass
@@ -112,13 +78,13 @@ class RequestTimes:
 
 class AsyncEngine:
     def __init__(self, engine, *, max_waiting_requests: int = 256,
-                 on_stats: Callable[[EngineStats], None] | None = None,
+                 on_stats: Callable[[Stats], None] | None = None,
                  on_output: Callable[[RequestTimes], None] | None = None):
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
         self.on_stats = on_stats or (lambda stats: None)
         self.on_output = on_output or (lambda times: None)
-        self.stats = EngineStats()
+        self.stats = Stats()                    # the latest snapshot (engine.stats())
         self.dead: BaseException | None = None
         self._streams: dict[str, _Stream] = {}
         self._streams_lock = threading.Lock()
@@ -309,7 +275,7 @@ class AsyncEngine:
 
     def _publish_stats(self) -> None:
         try:
-            self.stats = engine_stats(self.engine)
+            self.stats = self.engine.stats()
             self.on_stats(self.stats)
         except Exception:                                  # noqa: BLE001 - metrics must not kill the loop
             logger.exception("could not read the engine's stats")

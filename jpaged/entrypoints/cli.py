@@ -90,14 +90,15 @@ def _generate(args) -> int:
             print(f"\n### {question}\n{out.outputs[0].text.strip()}")
     num_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     num_in = sum(len(o.prompt_token_ids) for o in outputs)
-    compiling = engine.runner.compile_seconds
+    stats = llm.stats()
+    compiling = stats.compile_seconds
     print(f"\n{len(outputs)} requests, {num_in} prompt tokens, {num_out} output tokens in "
-          f"{elapsed:.2f}s, of which {compiling:.1f}s compiling {engine.runner.num_step_compilations} "
-          f"step buckets ({engine.num_compilations} compiled variants with the sampler's)")
+          f"{elapsed:.2f}s, of which {compiling:.1f}s compiling {stats.num_step_compilations} "
+          f"step buckets ({stats.num_compilations} compiled variants with the sampler's)")
     print(f"throughput: {num_out / elapsed:.1f} output tokens/s "
           f"({num_out / max(elapsed - compiling, 1e-9):.1f} excluding compilation)")
-    print(f"KV pages used: {engine.peak_pages_used} of {engine.block_manager.num_usable_pages} at peak "
-          f"(page size {engine.config.page_size}); all free again: {engine.block_manager.all_free()}")
+    print(f"KV pages used: {stats.peak_kv_pages_used} of {stats.kv_pages_total} at peak "
+          f"(page size {stats.kv_page_size}); all free again: {stats.kv_pages_used == 0}")
     print(f"attention backend: {engine.attention.name} ({engine.attention.reason})")
     return 0
 

@@ -9,6 +9,7 @@ from typing import Sequence as Seq
 import jax
 from tqdm.auto import tqdm
 
+from jpaged.core.stats import Stats
 from jpaged.engine.engine import EngineConfig, LLMEngine
 from jpaged.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from jpaged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -56,14 +57,15 @@ class LLM:
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
 
-    def stats(self) -> dict[str, int]:
-        """The engine's counters: KV pages total/used/cached/free, prefix-cache queries and hits,
-        preemptions by mode, swapped pages, compilations (see LLMEngine.stats)."""
+    def stats(self) -> Stats:
+        """The engine's counters and gauges (jpaged/core/stats.py): KV pages total/used/cached/
+        free, prefix-cache queries and hits, preemptions by mode, swapped pages, compilations,
+        time; attributes, or keys as in a dict."""
         return self.llm_engine.stats()
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prompt prefix (e.g. between benchmark runs)."""
-        self.llm_engine.block_manager.reset_prefix_cache()
+        self.llm_engine.reset_prefix_cache()
 
     def update_params(self, params) -> None:
         """Swap the weights in place (same tree, shapes, dtypes, shardings: nothing recompiles);
@@ -95,7 +97,7 @@ class LLM:
         """Beam search per prompt (vLLM's `LLM.beam_search`), in the engine: beams share pages
         with copy-on-write and are chosen from each beam's top log-probs on device. Each output's
         `sequences` are the beam_width best hypotheses, best first (HF's scoring: cum_logprob /
-        output length ** length_penalty; see jpaged/engine/beam_search.py)."""
+        output length ** length_penalty; see jpaged/core/beam_search.py)."""
         prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         request_ids = self._add_all(self.llm_engine.add_beam_request,
                                     [(prompt, params) for prompt in prompts], "beam-")

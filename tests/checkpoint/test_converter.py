@@ -36,6 +36,13 @@ WORDS = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(61)]
 CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
 
 
+@pytest.fixture(autouse=True)
+def _no_model_cache(monkeypatch):
+    """These tests are about the conversion itself: no cached copy may stand in for it (tests of
+    the model cache set their own directory)."""
+    monkeypatch.setenv("JPAGED_MODEL_CACHE_DIR", "off")
+
+
 # --- tiny HF checkpoints --------------------------------------------------------------------------
 
 def tiny_model(config_class="LlamaConfig", seed=0, **overrides):
@@ -93,23 +100,28 @@ def expected_params(state_dict: dict, hf_config) -> dict[str, np.ndarray]:
     def stack(name, fn=lambda w: w):
         return np.stack([fn(sd[f"model.layers.{i}.{name}"]) for i in range(c.num_hidden_layers)])
 
+    def grouped(q, k_, v):
+        """q [..., N, H], k and v [..., K, H] -> [..., K, G+2, H]: each KV head after its queries."""
+        lead = q.shape[:-2]
+        return np.concatenate([q.reshape(*lead, k, n // k, h), k_[..., None, :], v[..., None, :]],
+                              axis=-2)
+
+    def qkv(kind, fn):
+        return grouped(*(stack(f"self_attn.{p}_proj.{kind}", fn(p)) for p in "qkv"))
+
     out = {
         "embed/embedding": sd["model.embed_tokens.weight"],
         "norm/scale": sd["model.norm.weight"],
         "layers/attn_norm/scale": stack("input_layernorm.weight"),
         "layers/mlp_norm/scale": stack("post_attention_layernorm.weight"),
-        "layers/attn/wq": stack("self_attn.q_proj.weight", lambda w: w.T.reshape(d, n, h)),
-        "layers/attn/wk": stack("self_attn.k_proj.weight", lambda w: w.T.reshape(d, k, h)),
-        "layers/attn/wv": stack("self_attn.v_proj.weight", lambda w: w.T.reshape(d, k, h)),
-        "layers/attn/wo": stack("self_attn.o_proj.weight", lambda w: w.T.reshape(n, h, d)),
-        "layers/mlp/w_gate": stack("mlp.gate_proj.weight", lambda w: w.T),
-        "layers/mlp/w_up": stack("mlp.up_proj.weight", lambda w: w.T),
+        "layers/attn/wqkv": qkv("weight", lambda p: lambda w: w.T.reshape(d, -1, h)),
+        "layers/attn/wo": stack("self_attn.o_proj.weight", lambda w: w.T),
+        "layers/mlp/w_gate_up": np.stack([stack("mlp.gate_proj.weight", lambda w: w.T),
+                                          stack("mlp.up_proj.weight", lambda w: w.T)], axis=-2),
         "layers/mlp/w_down": stack("mlp.down_proj.weight", lambda w: w.T),
     }
     if "model.layers.0.self_attn.q_proj.bias" in sd:
-        out["layers/attn/bq"] = stack("self_attn.q_proj.bias", lambda b: b.reshape(n, h))
-        out["layers/attn/bk"] = stack("self_attn.k_proj.bias", lambda b: b.reshape(k, h))
-        out["layers/attn/bv"] = stack("self_attn.v_proj.bias", lambda b: b.reshape(k, h))
+        out["layers/attn/bqkv"] = qkv("bias", lambda p: lambda b: b.reshape(-1, h))
     if not c.tie_word_embeddings:
         out["lm_head"] = sd["lm_head.weight"].T
     return out
@@ -257,7 +269,7 @@ def test_smollm2_gguf_loads_without_torch(smollm2_path, smollm2_hf, tmp_path):
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == [
-        f"{smollm2_path.stem}-{file_sha256(smollm2_path)[:16]}-float32"]
+        f"{smollm2_path.stem}-{file_sha256(smollm2_path)[:16]}-float32-layout2"]
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["torch"] is False
     assert got["converters"] is False               # loading never goes through the converter CLI
@@ -333,7 +345,7 @@ def test_gguf_model_cache(llama, tmp_path, monkeypatch, caplog):
     path = write_tiny_gguf(llama, tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
     monkeypatch.setenv("JPAGED_MODEL_CACHE_DIR", str(cache))
-    entry = cache / f"tiny-{file_sha256(path)[:16]}-float32"
+    entry = cache / f"tiny-{file_sha256(path)[:16]}-float32-layout2"
     (entry / "params").mkdir(parents=True)               # a stale entry (older layout): replaced
     fresh = load_checkpoint(path, progress=False)
     model_cache.wait()                                   # the copy is written in the background
@@ -347,7 +359,7 @@ def test_gguf_model_cache(llama, tmp_path, monkeypatch, caplog):
     assert_params_equal(cached.params, {k: np.asarray(v) for k, v in flatten(fresh.params).items()})
     assert load_checkpoint(path, dtype="bfloat16", progress=False).dtype == "bfloat16"
     model_cache.wait()
-    assert (cache / f"tiny-{file_sha256(path)[:16]}-bfloat16").is_dir()    # keyed by dtype too
+    assert (cache / f"tiny-{file_sha256(path)[:16]}-bfloat16-layout2").is_dir()    # keyed by dtype too
 
     llama_changed = tiny_model(seed=1)                  # same name, other content: a new entry
     write_tiny_gguf(llama_changed, path)
@@ -468,3 +480,13 @@ def test_refuses_to_overwrite(llama_dir, tmp_path):
     convert(llama_dir, tmp_path / "out", progress=False)
     with pytest.raises(FileExistsError, match="already exists"):
         convert(llama_dir, tmp_path / "out", progress=False)
+
+
+def test_a_checkpoint_in_an_older_params_layout_is_refused_with_the_fix(llama_dir, tmp_path):
+    out = convert(llama_dir, tmp_path / "ckpt", dtype="float32", progress=False)
+    config = json.loads((out / "jpaged_config.json").read_text())
+    assert config.pop("params_layout") == 2
+    (out / "jpaged_config.json").write_text(json.dumps(config))      # as jpaged wrote it before
+    with pytest.raises(ValueError, match=r"params layout 1; this one reads layout 2\); convert "
+                                         r"the source again with `jpaged convert SRC OUT`"):
+        load_checkpoint(out)

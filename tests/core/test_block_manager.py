@@ -141,7 +141,7 @@ def test_a_key_collision_never_serves_another_prompts_page():
     forged = b.full_pages(4, 1)[0][0]
     bm.cached_pages[forged] = a.block_table[0]           # plant a's page under b's key
     assert bm.match_prefix(b) == 0 and b.block_table == []
-    assert (bm.num_prefix_queries, bm.num_prefix_hits) == (1, 0)
+    assert (bm.stats.prefix_cache_queries, bm.stats.prefix_cache_hits) == (1, 0)
 
 
 def test_fork_shares_every_page_and_copy_on_write_gives_the_writer_a_fresh_one():

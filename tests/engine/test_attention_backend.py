@@ -10,7 +10,7 @@ import pytest
 
 import jpaged_kernels
 from jpaged.engine.attention import ProbeShape, probe_kernels, select_attention
-from jpaged.models.llama import AttentionFns
+from jpaged.models import AttentionFns
 from jpaged_kernels import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")

@@ -8,24 +8,25 @@ import numpy as np
 import pytest
 
 from jpaged import LLM, BeamSearchParams
-from jpaged.engine.beam_search import BeamSearch, Candidate
+from jpaged.core.beam_search import BeamSearch, Candidate, select_beams
 
 
 def test_select_keeps_the_best_non_ending_candidates_and_scores_finished_ones():
-    search = BeamSearch(beam_width=2, max_tokens=10, eos_token_ids=(0,), ignore_eos=False,
-                        length_penalty=1.0)
+    search = BeamSearch(beam_width=2, max_tokens=10, eos_token_ids=(0,), length_penalty=1.0)
     beams = [((5,), -1.0), ((6,), -2.0)]
     candidates = [[(0, -0.1), (7, -0.5), (8, -3.0), (9, -4.0)],
                   [(7, -0.2), (0, -0.3), (9, -1.0), (8, -5.0)]]
     # ranked: (0 from beam 0: -1.1) (7: -1.5) (7 from 1: -2.2) (0 from 1: -2.3); top 4 kept
-    assert search.select(beams, candidates) == [Candidate(-1.5, 0, 7), Candidate(-2.2, 1, 7)]
-    assert [(h.output_tokens, h.score) for h in search.finished] == [((5, 0), -1.1 / 2)]
-    assert not search.done                      # EOS from beam 1 ranked 4th: not in the top 2
+    first = select_beams(search, [], beams, candidates)
+    assert first.beams == [Candidate(-1.5, 0, 7), Candidate(-2.2, 1, 7)]
+    assert [(h.output_tokens, h.score) for h in first.finished] == [((5, 0), -1.1 / 2)]
+    assert not first.done                       # EOS from beam 1 ranked 4th: not in the top 2
     beams = [((5, 7), -1.5), ((6, 7), -2.2)]
     candidates = [[(0, -0.1), (3, -2.0)], [(0, -0.1), (3, -0.2)]]
-    assert search.select(beams, candidates) == []
+    second = select_beams(search, first.finished, beams, candidates)
     # -1.6 / 3 beats -1.1 / 2: the longer hypothesis ranks first
-    assert search.done and [h.output_tokens for h in search.finished] == [(5, 7, 0), (5, 0)]
+    assert second.beams == [] and second.done
+    assert [h.output_tokens for h in second.finished] == [(5, 7, 0), (5, 0)]
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +74,13 @@ def test_beams_share_pages_and_dropped_beams_are_freed_in_the_same_step(llm):
     prompt = {"prompt_token_ids": list(range(2, 22))}           # 20 tokens: 5 full pages
     engine.add_beam_request("share", prompt, BeamSearchParams(beam_width=4, max_tokens=6,
                                                               ignore_eos=True))
-    beam = engine.requests["share"].beam
+    engine.step()
+    request = engine.scheduler.requests["share"]
     bm = engine.block_manager
     seen_sharing = False
     while engine.has_unfinished_requests():
         engine.step()
-        live = [seq for seq in beam.seqs]
+        live = [seq for seq in request.seqs]
         held = sum(len(seq.block_table) for seq in live)
         used = bm.num_usable_pages - bm.num_free_pages
         if len(live) == 4 and all(seq.block_table for seq in live):

@@ -34,7 +34,7 @@ out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8, 9]}, {"prompt_token_ids": 
                    SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
 print(json.dumps(dict(events, tokens=[o.outputs[0].token_ids for o in out],
                       cache_dir=jax.config.jax_compilation_cache_dir,
-                      buckets=llm.llm_engine.runner.num_compilations)))
+                      buckets=llm.stats().num_compilations)))
 """
 
 

@@ -27,6 +27,12 @@ def llm(smollm2_path):
 
 
 @pytest.fixture(scope="module")
+def no_cache(smollm2_path):
+    """The same engine with prefix caching off: the peer of the sharing tests."""
+    return LLM(str(smollm2_path), num_pages=128, enable_prefix_caching=False, **ENGINE)
+
+
+@pytest.fixture(scope="module")
 def prompts(llm):
     tokenizer = llm.get_tokenizer()
     return [{"prompt_token_ids": tokenizer.apply_chat_template(
@@ -41,7 +47,7 @@ def greedy(llm, prompts):
 
 
 def test_parallel_sampling_forks_is_reproducible_and_equals_prefix_caching_off(llm, prompts,
-                                                                               smollm2_path):
+                                                                               no_cache):
     params = SamplingParams(n=4, temperature=1.0, top_p=0.95, seed=11, max_tokens=24,
                             ignore_eos=True)
     first = llm.generate(prompts[:2], params, use_tqdm=False)
@@ -50,7 +56,6 @@ def test_parallel_sampling_forks_is_reproducible_and_equals_prefix_caching_off(l
         samples = [o.token_ids for o in a.outputs]
         assert samples == [o.token_ids for o in b.outputs]
         assert len({tuple(s) for s in samples}) == 4             # the samples differ
-    no_cache = LLM(str(smollm2_path), num_pages=128, enable_prefix_caching=False, **ENGINE)
     off = no_cache.generate(prompts[:2], params, use_tqdm=False)
     assert [[o.token_ids for o in r.outputs] for r in off] == \
         [[o.token_ids for o in r.outputs] for r in first]
@@ -58,7 +63,7 @@ def test_parallel_sampling_forks_is_reproducible_and_equals_prefix_caching_off(l
     assert_all_pages_free(no_cache)
 
 
-def test_prefix_caching_on_and_off_give_identical_greedy_outputs(llm, prompts, greedy, smollm2_path):
+def test_prefix_caching_on_and_off_give_identical_greedy_outputs(llm, prompts, greedy, no_cache):
     system = "You are a concise assistant. Answer in at most two sentences. " * 3
     tokenizer = llm.get_tokenizer()
     shared = [{"prompt_token_ids": tokenizer.apply_chat_template(
@@ -68,10 +73,10 @@ def test_prefix_caching_on_and_off_give_identical_greedy_outputs(llm, prompts, g
     hits_before = llm.stats()["prefix_cache_hits"]
     on = llm.generate(shared, params, use_tqdm=False)
     assert llm.stats()["prefix_cache_hits"] > hits_before         # the system prompt was shared
-    off = LLM(str(smollm2_path), num_pages=128, enable_prefix_caching=False, **ENGINE).generate(
-        shared, params, use_tqdm=False)
+    off = no_cache.generate(shared, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in on] == [o.outputs[0].token_ids for o in off]
     assert_all_pages_free(llm)
+    assert_all_pages_free(no_cache)
 
 
 @pytest.mark.parametrize("mode", ["recompute", "swap"])

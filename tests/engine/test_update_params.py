@@ -71,7 +71,7 @@ def test_new_weights_give_a_fresh_engines_tokens_without_compiling(checkpoint, f
     # buckets as the first run, all compiled already) under the new weights.
     updated = token_ids(llm.generate(requests, GREEDY, use_tqdm=False))
     assert backend_compiles.count == compiles
-    assert llm.llm_engine.num_cached_tokens == 0
+    assert llm.stats().num_cached_tokens == 0
     assert updated == token_ids(fresh.generate(requests, GREEDY, use_tqdm=False))
     assert updated != old
     # NumPy leaves are placed like the engine's; back to the old weights, the old tokens.
@@ -90,10 +90,10 @@ def test_running_requests_resume_recomputed_under_the_new_weights(checkpoint, fr
         assert not any(o.finished for o in engine.step())
     partial = {s.request_id: list(s.output_token_ids) for s in engine.scheduler.running}
     assert sorted(partial) == ["r0", "r1"] and all(len(t) == 3 for t in partial.values())
-    preemptions = engine.num_preemptions
+    preemptions = engine.stats().num_preemptions
     params = new_params(checkpoint.params)
     engine.update_params(params)
-    assert engine.num_preemptions == preemptions + 2 and not engine.scheduler.running
+    assert engine.stats().num_preemptions == preemptions + 2 and not engine.scheduler.running
     assert [s.request_id for s in engine.scheduler.waiting] == ["r0", "r1", "r2"]
     outputs = {}
     while engine.has_unfinished_requests():
@@ -117,10 +117,10 @@ def test_a_tree_that_does_not_fit_raises_naming_the_leaf(checkpoint):
                                          r"\[\"\['norm'\]\['scale'\]\"\], unexpected \[\]"):
         engine.update_params(missing)
     narrow = jax.tree.map(lambda x: x, params)
-    narrow["layers"]["attn"]["wq"] = params["layers"]["attn"]["wq"][:, :, :2]
+    narrow["layers"]["attn"]["wqkv"] = params["layers"]["attn"]["wqkv"][:, :, :, :2]
     with pytest.raises(ValueError, match=re_escape(
-            "params['layers']['attn']['wq'] is float32[2, 64, 2, 16] but the engine's is "
-            "float32[2, 64, 4, 16]; new weights need the same shapes and dtypes")):
+            "params['layers']['attn']['wqkv'] is float32[2, 64, 2, 2, 16] but the engine's is "
+            "float32[2, 64, 2, 4, 16]; new weights need the same shapes and dtypes")):
         engine.update_params(narrow)
     half = {**params, "embed": {"embedding": params["embed"]["embedding"].astype(jnp.bfloat16)}}
     with pytest.raises(ValueError, match=re_escape(

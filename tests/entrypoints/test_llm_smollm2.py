@@ -39,24 +39,24 @@ def assert_all_pages_free(llm):
     assert bm.num_free_pages == bm.num_usable_pages and not any(bm.refcounts)
 
 
-def test_greedy_tokens_match_hf_under_preemption(llm, smollm2_hf, hf_greedy):
+def test_greedy_tokens_match_hf_under_preemption(llm, smollm2_hf, hf_greedy_batch):
     hf_model, hf_tokenizer = smollm2_hf
     engine = llm.llm_engine
     prompts = [list(chat_ids(hf_tokenizer, q)) for q in QUESTIONS]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     arrive_at = [0, 0, 0, 2, 5, 5, 11, 20]
     outputs, step = {}, 0
-    preemptions_before = engine.num_preemptions
+    preemptions_before = engine.stats().num_preemptions
     while engine.has_unfinished_requests() or step <= max(arrive_at):
         for i, at in enumerate(arrive_at):
             if at == step:
                 engine.add_request(f"q{i}", {"prompt_token_ids": prompts[i]}, params)
         outputs.update({o.request_id: o for o in engine.step()})
         step += 1
-    assert engine.num_preemptions > preemptions_before
-    for i, prompt in enumerate(prompts):
-        assert outputs[f"q{i}"].outputs[0].token_ids == hf_greedy(hf_model, prompt, MAX_TOKENS), \
-            QUESTIONS[i]
+    assert engine.stats().num_preemptions > preemptions_before
+    expected = hf_greedy_batch(hf_model, prompts, MAX_TOKENS)
+    for i, want in enumerate(expected):
+        assert outputs[f"q{i}"].outputs[0].token_ids == want, QUESTIONS[i]
     assert_all_pages_free(llm)
 
 

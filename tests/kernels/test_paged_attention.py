@@ -1,4 +1,5 @@
-"""Triton decode kernel vs the pure-jnp reference: interpret mode on CPU, compiled on a GPU."""
+"""Triton decode kernel and the pure-jnp reference, each against the dense NumPy oracle
+(dense_oracle.py) and against each other: interpret mode on CPU, compiled on a GPU."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from jpaged_kernels import paged_attention, reference
 from jpaged_kernels.triton_common import default_pages_per_block
+from dense_oracle import dense_attention
 from paged_cases import (MODES, assert_close, masked_loads, random_cache, random_q, random_tables,
                          triton_kernel_ir, tt_dots)
 
@@ -44,7 +46,10 @@ def run_case(rng, batch, heads, kv_heads, head_dim, page_size, pages_per_seq, dt
     out = paged_attention(q, k, v, tables, lens, interpret=interpret, **kwargs)
     ref_kwargs = {a: b for a, b in kwargs.items() if a in ("scale", "sliding_window", "soft_cap")}
     ref = reference.paged_attention(q, k, v, tables, lens, **ref_kwargs)
+    oracle = dense_attention(q, k, v, tables, lens, **ref_kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(ref, oracle, dtype)
+    assert_close(out, oracle, dtype)
     assert_close(out, ref, dtype)
 
 

@@ -1,5 +1,5 @@
-"""Triton ragged (prefill + decode) kernel vs the pure-jnp reference: interpret mode on CPU,
-compiled on a GPU."""
+"""Triton ragged (prefill + decode) kernel and the pure-jnp reference, each against the dense NumPy
+oracle (dense_oracle.py) and against each other: interpret mode on CPU, compiled on a GPU."""
 
 import re
 
@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 from jpaged_kernels import paged_attention, ragged_paged_attention, reference
 from jpaged_kernels.triton_ragged_paged_attention import work_items
 from jpaged_kernels.triton_common import default_pages_per_block
+from dense_oracle import dense_attention
 from paged_cases import (MODES, assert_close, masked_loads, random_cache, random_q, random_tables,
                          triton_kernel_ir, tt_dots)
 
@@ -54,7 +55,10 @@ def run_case(rng, seqs, heads, kv_heads, head_dim, page_size, pages_per_seq, dty
     ref_kwargs = {a: b for a, b in kwargs.items() if a in ("scale", "sliding_window", "soft_cap")}
     ref = reference.ragged_paged_attention(q, k, v, tables, lens, query_start_loc, layer=layer,
                                            **ref_kwargs)
+    oracle = dense_attention(q, k, v, tables, lens, query_start_loc, layer=layer, **ref_kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
+    assert_close(ref, oracle, dtype)
+    assert_close(out, oracle, dtype)
     assert_close(out, ref, dtype)
     np.testing.assert_array_equal(np.asarray(out[num_tokens - num_padding:], np.float32), 0.0)
     return out
@@ -100,14 +104,15 @@ def test_decode_batch_matches_decode_kernel(interpret):
     np.testing.assert_allclose(np.asarray(out), np.asarray(decode), atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), data=st.data())
 def test_random_ragged_batches(seed, data):
     """Property: any mix of q_len (zero-length sequences too) and context length in one fixed
     token bucket, with random tables, equals the reference; padding tokens give 0."""
     page_size, pages_per_seq, num_seqs, bucket = 8, 4, 4, 24
     top = page_size * pages_per_seq
-    q_lens = data.draw(st.lists(st.integers(0, 9), min_size=num_seqs, max_size=num_seqs))
+    q_lens = data.draw(st.lists(st.integers(0, 9), min_size=num_seqs, max_size=num_seqs)
+                       .filter(lambda lens: sum(lens) <= bucket))
     lens = [data.draw(st.integers(max(q, 1), top)) for q in q_lens]
     run_case(np.random.default_rng(seed), list(zip(q_lens, lens)), 8, 2, 64, page_size,
              pages_per_seq, jnp.float32, True, num_padding=bucket - sum(q_lens), block_q=4,

@@ -2,8 +2,9 @@
 
 Each case builds a tiny random HF model, saves it as safetensors, loads it through
 `jpaged.checkpoint.loader.load_checkpoint` (the in-memory HF conversion), then runs `CausalLM.apply` on a ragged
-batch: 3 sequences of different lengths prefilled together (plus padding tokens on the null page),
-then decode steps with `decode_only=True`. Every step's last-token logits must match HF's full
+batch built by the engine's own input builder (jpaged/engine/step_inputs.py): 3 sequences of
+different lengths prefilled together (plus padding tokens on the null page), then decode steps with
+`decode_only=True`. Every step's last-token logits must match HF's full
 forward over the same prefix. Pages: size 4, page 0 reserved as the null page, block tables drawn
 from a shuffled free list so no sequence's pages are contiguous.
 """
@@ -22,8 +23,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jpaged.checkpoint.loader import load_checkpoint  # noqa: E402
-from jpaged.models.llama import (AttentionMetadata, CausalLM, KVCache,  # noqa: E402
-                                 split_layer_weights)
+from jpaged.core.step import ScheduledSeq  # noqa: E402
+from jpaged.engine.buckets import StepKey  # noqa: E402
+from jpaged.engine.step_inputs import build_step_inputs  # noqa: E402
+from jpaged.models import CausalLM, KVCache, arrange_layers  # noqa: E402
+from jpaged.sampling_params import SamplingParams  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -100,54 +104,46 @@ def allocate_block_tables(batch: Batch, seed: int = 0) -> np.ndarray:
     return free[:num_seqs * batch.pages_per_seq].reshape(num_seqs, batch.pages_per_seq).astype(np.int32)
 
 
-def slot(block_table: np.ndarray, position: int, page_size: int) -> int:
-    return int(block_table[position // page_size]) * page_size + position % page_size
+def rows(batch: Batch, block_tables: np.ndarray, computed: list[int], new: list[int]):
+    """Each sequence's share of a step, as the scheduler would hand it to the runner."""
+    return [ScheduledSeq(seq_id=i, request_id=str(i), num_computed_tokens=c, num_new_tokens=n,
+                         token_ids=seq[:c + n], num_prompt_tokens=p,
+                         block_table=tuple(int(x) for x in table), params=SamplingParams(),
+                         seed=0)
+            for i, (seq, table, p, c, n) in enumerate(zip(batch.sequences, block_tables,
+                                                          batch.prompt_lens, computed, new))]
 
 
 def prefill_inputs(batch: Batch, block_tables: np.ndarray):
-    """One ragged batch of every sequence's prompt, then padding tokens."""
-    tokens, positions, slots = [], [], []
-    for seq, table, n in zip(batch.sequences, block_tables, batch.prompt_lens):
-        tokens += seq[:n]
-        positions += range(n)
-        slots += [slot(table, p, batch.page_size) for p in range(n)]
-    tokens += [0] * batch.num_padding_tokens
-    positions += [0] * batch.num_padding_tokens
-    slots += list(range(batch.num_padding_tokens))    # NOTE: padding writes land in null page 0
-    metadata = AttentionMetadata(
-        block_tables=jnp.asarray(block_tables), slot_mapping=jnp.asarray(slots, jnp.int32),
-        context_lens=jnp.asarray(batch.prompt_lens, jnp.int32),
-        query_start_loc=jnp.asarray(np.cumsum((0,) + batch.prompt_lens), jnp.int32))
-    return jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), metadata
+    """One ragged batch of every sequence's prompt, then padding tokens (on the null page 0)."""
+    num_seqs = len(batch.sequences)
+    key = StepKey(sum(batch.prompt_lens) + batch.num_padding_tokens, num_seqs,
+                  batch.pages_per_seq, decode_only=False)
+    return build_step_inputs(rows(batch, block_tables, [0] * num_seqs, list(batch.prompt_lens)),
+                             key, batch.page_size)
 
 
 def decode_inputs(batch: Batch, block_tables: np.ndarray, step: int):
     """Decode step `step`: each sequence brings its next token, at position prompt_len + step."""
-    positions = [n + step for n in batch.prompt_lens]
-    tokens = [seq[p] for seq, p in zip(batch.sequences, positions)]
-    slots = [slot(table, p, batch.page_size) for table, p in zip(block_tables, positions)]
-    metadata = AttentionMetadata(
-        block_tables=jnp.asarray(block_tables), slot_mapping=jnp.asarray(slots, jnp.int32),
-        context_lens=jnp.asarray([p + 1 for p in positions], jnp.int32),
-        query_start_loc=jnp.arange(len(positions) + 1, dtype=jnp.int32), decode_only=True)
-    return jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), metadata
+    num_seqs = len(batch.sequences)
+    key = StepKey(num_seqs, num_seqs, batch.pages_per_seq, decode_only=True)
+    return build_step_inputs(rows(batch, block_tables, [n + step for n in batch.prompt_lens],
+                                  [1] * num_seqs), key, batch.page_size)
 
 
 def run_jpaged(checkpoint, batch: Batch, params=None) -> list[np.ndarray]:
     """Prefill, then decode steps; returns each step's [B, V] last-token logits. `params`: another
-    layout of the checkpoint's params (default: the checkpoint's own, stacked over layers)."""
+    placement of the checkpoint's params (default: the checkpoint's own, stacked over layers)."""
     model = CausalLM(checkpoint.config, dtype=jnp.float32)
     params = checkpoint.params if params is None else params
-    step = jax.jit(lambda params, tokens, positions, cache, metadata: model.apply(
-        {"params": params}, tokens, positions, cache, metadata))
+    step = jax.jit(lambda params, cache, inputs: model.apply(
+        {"params": params}, inputs.token_ids, inputs.positions, cache, inputs.metadata))
     cache = KVCache.zeros(checkpoint.config, batch.num_pages, batch.page_size, jnp.float32)
     block_tables = allocate_block_tables(batch)
-    tokens, positions, metadata = prefill_inputs(batch, block_tables)
-    logits, cache = step(params, tokens, positions, cache, metadata)
-    outputs = [np.asarray(logits)]
+    logits, cache = step(params, cache, prefill_inputs(batch, block_tables))
+    outputs = [np.asarray(logits)[:len(batch.sequences)]]
     for i in range(batch.num_decode_steps):
-        tokens, positions, metadata = decode_inputs(batch, block_tables, i)
-        logits, cache = step(params, tokens, positions, cache, metadata)
+        logits, cache = step(params, cache, decode_inputs(batch, block_tables, i))
         outputs.append(np.asarray(logits))
     return outputs
 
@@ -184,20 +180,23 @@ def test_tiny_model_logits_match_hf(case, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["llama2_mha_untied", "qwen2_bias_tied", "mistral_gqa_sliding_window"])
-def test_split_layer_weights_match_stacked(case, tmp_path):
-    """The engine's layout (one buffer per layer, q/k/v and gate/up fused; split_layer_weights)
-    computes what the stacked checkpoint layout computes, on the same ragged prefill + decodes."""
+def test_per_layer_placement_matches_stacked(case, tmp_path):
+    """The engine's CPU placement (one buffer per layer for each matmul weight, arrange_layers)
+    computes what the stacked layout computes, on the same ragged prefill + decodes."""
     build_hf_model(case, tmp_path)
     checkpoint = load_checkpoint(tmp_path, progress=False)
-    split = split_layer_weights(checkpoint.params)
-    layers = split["layers"]
-    assert sorted(layers["attn"]) == sorted({"wqkv", "wo"} | ({"bq", "bk", "bv"} if case.startswith(
+    per_layer = arrange_layers(checkpoint.params, per_layer=True)
+    layers = per_layer["layers"]
+    assert sorted(layers["attn"]) == sorted({"wqkv", "wo"} | ({"bqkv"} if case.startswith(
         "qwen2") else set()))
     assert isinstance(layers["mlp"]["w_gate_up"], tuple) and len(layers["mlp"]["w_gate_up"]) == 2
+    assert not isinstance(layers["attn_norm"]["scale"], tuple)      # small leaves stay stacked
     batch = random_batch(TINY["vocab_size"])
-    stacked, got = run_jpaged(checkpoint, batch), run_jpaged(checkpoint, batch, params=split)
+    stacked, got = run_jpaged(checkpoint, batch), run_jpaged(checkpoint, batch, params=per_layer)
     for want, have in zip(stacked, got):
         np.testing.assert_allclose(have, want, rtol=0, atol=1e-5)
+    restacked = arrange_layers(per_layer, per_layer=False)
+    jax.tree.map(np.testing.assert_array_equal, restacked, checkpoint.params)
 
 
 def test_config_flags_reach_the_model(tmp_path):

@@ -31,9 +31,9 @@ attn = params["layers"]["attn"]
 print("RESULT " + json.dumps({
     "sharded": sharded.tokens.tolist(), "plain": plain.tokens.tolist(),
     "logprob_err": float(np.max(np.abs(np.asarray(sharded.logprobs) - np.asarray(plain.logprobs)))),
-    "restored_wq": [list(s.data.shape) for s in restored["layers"]["attn"]["wq"].addressable_shards],
-    "restored_wq_spec": list(restored["layers"]["attn"]["wq"].sharding.spec),
-    "restored_wk_spec": list(restored["layers"]["attn"]["wk"].sharding.spec),
-    "wq": [list(s.data.shape) for s in attn["wq"].addressable_shards],
-    "wk": [list(s.data.shape) for s in attn["wk"].addressable_shards],
+    "restored_wo": [list(s.data.shape) for s in restored["layers"]["attn"]["wo"].addressable_shards],
+    "restored_wo_spec": list(restored["layers"]["attn"]["wo"].sharding.spec),
+    "restored_wqkv_spec": list(restored["layers"]["attn"]["wqkv"].sharding.spec),
+    "wqkv": [list(s.data.shape) for s in attn["wqkv"].addressable_shards],
+    "wo": [list(s.data.shape) for s in attn["wo"].addressable_shards],
     "num_kv_heads": model.config.num_kv_heads}), flush=True)

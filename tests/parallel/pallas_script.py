@@ -13,7 +13,7 @@ import numpy as np
 
 import jpaged_kernels
 from jpaged.config import ModelConfig
-from jpaged.models.llama import AttentionFns, reference_attention
+from jpaged.models import AttentionFns, reference_attention
 from jpaged.parallel import TensorParallel
 
 config = ModelConfig("llama", vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2,

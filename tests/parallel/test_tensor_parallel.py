@@ -30,6 +30,11 @@ RANDOM_LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_s
                     max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=1)
 
 
+
+def with_devices(count: int) -> str:
+    """XLA_FLAGS for a subprocess with `count` CPU devices, keeping the suite's own flags."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+
 def paper_capacity(tmp_path, overrides: dict, devices: int) -> dict:
     """benchmarks/capacity.py --json for the random Llama's config (float32, pages of 4)."""
     spec = importlib.util.spec_from_file_location("capacity", CAPACITY)
@@ -49,7 +54,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [200, 3]]
 
 
 def run_mesh(job: dict, timeout: int = 900) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    env = dict(os.environ, XLA_FLAGS=with_devices(8),
                JAX_PLATFORMS="cpu", JPAGED_COMPILATION_CACHE_DIR="off", JPAGED_MODEL_CACHE_DIR="off")
     proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps(job)], capture_output=True,
                           text=True, env=env, timeout=timeout)
@@ -86,14 +91,16 @@ def test_param_specs_are_megatron_style():
     shapes = param_shapes(config)
     specs = param_specs(shapes, config, 2)
     per_device = {path: shard_shape(tuple(shapes_leaf.shape), spec, 2) for path, shapes_leaf, spec in [
-        ("wq", shapes["layers"]["attn"]["wq"], specs["layers"]["attn"]["wq"]),
+        ("wqkv", shapes["layers"]["attn"]["wqkv"], specs["layers"]["attn"]["wqkv"]),
         ("wo", shapes["layers"]["attn"]["wo"], specs["layers"]["attn"]["wo"]),
-        ("w_up", shapes["layers"]["mlp"]["w_up"], specs["layers"]["mlp"]["w_up"]),
+        ("w_gate_up", shapes["layers"]["mlp"]["w_gate_up"], specs["layers"]["mlp"]["w_gate_up"]),
         ("w_down", shapes["layers"]["mlp"]["w_down"], specs["layers"]["mlp"]["w_down"]),
         ("embedding", shapes["embed"]["embedding"], specs["embed"]["embedding"]),
         ("lm_head", shapes["lm_head"], specs["lm_head"]),
         ("norm", shapes["norm"]["scale"], specs["norm"]["scale"])]}
-    assert per_device == {"wq": (2, 32, 2, 8), "wo": (2, 2, 8, 32), "w_up": (2, 32, 24),
+    # wqkv [L, D, K, G+2, H] by KV head (each device: 1 KV head with its 2 query heads), wo
+    # [L, N*H, D] by rows, w_gate_up [L, D, 2, F] and w_down [L, F, D] by F, vocabulary for the rest
+    assert per_device == {"wqkv": (2, 32, 1, 4, 8), "wo": (2, 16, 32), "w_gate_up": (2, 32, 2, 24),
                           "w_down": (2, 24, 32), "embedding": (32, 32), "lm_head": (32, 32),
                           "norm": (32,)}
     odd = ModelConfig("llama", vocab_size=63, hidden_size=32, intermediate_size=48, num_layers=2,
@@ -112,7 +119,7 @@ def test_random_llama_32q_8kv_same_greedy_tokens_for_tp_1_2_4_8(tmp_path):
         assert got["after_update"] == base["tokens"] and got["compiled_by_update"] == 0
         assert got["kv_cache_spec"] == [[None, "tp"]]           # still by KV head after it all
         np.testing.assert_allclose(got["logprobs"], base["logprobs"], atol=1e-4)
-        assert_sharded(got, size, {"wq": 2, "wk": 2, "wo": 1, "w_gate": 2, "w_down": 1, "embed": 0,
+        assert_sharded(got, size, {"wqkv": 2, "wo": 1, "w_gate_up": 3, "w_down": 1, "embed": 0,
                                    "kv_cache_k": 1})
         # XLA inserts exactly: the vocab-sharded embedding lookup's sum, one all-reduce after
         # attention's output projection, one after the MLP (both [T, D]), the logits' all-gather.
@@ -134,7 +141,8 @@ def test_kv_heads_are_replicated_when_tp_exceeds_them(tmp_path):
     assert result[4]["tokens"] == result[1]["tokens"]
     np.testing.assert_allclose(result[4]["logprobs"], result[1]["logprobs"], atol=1e-4)
     assert result[1]["shapes"]["kv_cache_k"][1] == 2 and result[4]["shapes"]["kv_cache_k"][1] == 4
-    assert result[4]["shards"]["wk"] == [[2, 128, 1, 16]] * 4
+    # wqkv [L, D, K'=4, G'+2=4, H]: one (replicated) KV head and its 2 query heads per device
+    assert result[4]["shards"]["wqkv"] == [[2, 128, 1, 4, 16]] * 4
     assert result[4]["shards"]["kv_cache_k"] == [[2, 1, 64, 4, 16]] * 4
     overrides = {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 16}
     paper = paper_capacity(tmp_path, overrides, 4)
@@ -149,7 +157,7 @@ def test_smollm2_tp3_equals_tp1(smollm2_path):
     assert result[3]["tokens"] == result[1]["tokens"]
     np.testing.assert_allclose(result[3]["logprobs"], result[1]["logprobs"], atol=1e-4)
     assert result[3]["shards"]["kv_cache_k"] == [[30, 1, 64, 4, 64]] * 3
-    assert_sharded(result[3], 3, {"wq": 2, "wk": 2, "wo": 1, "w_gate": 2, "w_down": 1, "embed": 0})
+    assert_sharded(result[3], 3, {"wqkv": 2, "wo": 1, "w_gate_up": 3, "w_down": 1, "embed": 0})
 
 
 def test_capacity_of_llama_3_70b_on_8_h100s_from_its_config():
@@ -177,7 +185,7 @@ def test_load_with_mesh_restores_into_shards_and_generate_gives_the_same_tokens(
     # tiny Llama: 4 query heads, 2 KV heads, on 4 devices: each KV head replicated twice.
     from jpaged.checkpoint.convert import convert
     out = convert(tiny_llama_dir, tmp_path / "ckpt", dtype="float32", progress=False)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=with_devices(4),
                JAX_PLATFORMS="cpu", JPAGED_COMPILATION_CACHE_DIR="off")
     proc = subprocess.run([sys.executable, str(SCRIPT.with_name("load_script.py")), str(out)],
                           capture_output=True, text=True, env=env, timeout=900)
@@ -186,11 +194,12 @@ def test_load_with_mesh_restores_into_shards_and_generate_gives_the_same_tokens(
     r = json.loads(lines[-1][len("RESULT "):])
     assert r["sharded"] == r["plain"]
     assert r["logprob_err"] < 1e-4
-    # Orbax restored each device's quarter of wq; wk (to be replicated) whole, then sliced.
-    assert r["restored_wq"] == [[2, 64, 1, 16]] * 4
-    assert r["restored_wq_spec"] == [None, None, "tp", None]
-    assert r["restored_wk_spec"] == []
-    assert r["wq"] == [[2, 64, 1, 16]] * 4 and r["wk"] == [[2, 64, 1, 16]] * 4
+    # Orbax restored each device's quarter of wo; wqkv (its KV heads to be replicated) whole, then
+    # split on device: [L, D, K'=4, G'+2=3, H], one KV head with its one query head per device.
+    assert r["restored_wo"] == [[2, 16, 64]] * 4
+    assert r["restored_wo_spec"] == [None, "tp", None]
+    assert r["restored_wqkv_spec"] == []
+    assert r["wqkv"] == [[2, 64, 1, 3, 16]] * 4 and r["wo"] == [[2, 16, 64]] * 4
     assert r["num_kv_heads"] == 4
 
 
@@ -201,7 +210,7 @@ def start_two_processes(mode: str) -> tuple[subprocess.Popen, subprocess.Popen]:
     with socket.socket() as s:                      # a free port for the coordinator
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ, XLA_FLAGS=with_devices(2),
                JAX_PLATFORMS="cpu", JPAGED_COMPILATION_CACHE_DIR="off", PYTHONUNBUFFERED="1")
     script = str(SCRIPT.with_name("multihost_script.py"))
     return tuple(subprocess.Popen([sys.executable, script, port, str(i), mode], env=env, text=True,
@@ -283,7 +292,7 @@ def test_serve_flags_and_a_too_large_mesh_give_clear_errors():
 
 
 def test_pallas_kernels_run_per_device_under_shard_map():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ, XLA_FLAGS=with_devices(4),
                JAX_PLATFORMS="cpu", JPAGED_COMPILATION_CACHE_DIR="off")
     proc = subprocess.run([sys.executable, str(SCRIPT.with_name("pallas_script.py"))],
                           capture_output=True, text=True, env=env, timeout=900)

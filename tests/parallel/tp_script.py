@@ -56,17 +56,15 @@ def run(job: dict, size: int) -> dict:
                          SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=4, ignore_eos=True),
                          use_tqdm=False)[0]
     # new weights (the same values, the checkpoint's layout) swap in without compiling anything
-    compilations = llm.llm_engine.num_compilations
+    compilations = llm.stats().num_compilations
     if job["model"] == "random":
         llm.update_params(checkpoint.params)
     again = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
     runner = llm.llm_engine.runner
-    # NOTE: on one device the runner may hold its own (fused, per-layer) layout of the layer
-    # weights; the sharded engine keeps the checkpoint's stacked leaves. Report what is there.
+    # NOTE: on one CPU device the layer matmul weights are per layer (tuples; weights.py)
     layers = runner.params["layers"]
     leaves = {name: layers[group][name] for group, name in (
-        ("attn", "wq"), ("attn", "wk"), ("attn", "wo"), ("mlp", "w_gate"), ("mlp", "w_down"))
-        if name in layers[group]}
+        ("attn", "wqkv"), ("attn", "wo"), ("mlp", "w_gate_up"), ("mlp", "w_down"))}
     leaves.update(embed=runner.params["embed"]["embedding"], kv_cache_k=runner.kv_cache.k)
     return {"tokens": [o.outputs[0].token_ids for o in outs],
             "logprobs": [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
@@ -75,14 +73,14 @@ def run(job: dict, size: int) -> dict:
             "shapes": {name: full_shape(a) for name, a in leaves.items()},
             "forks": [c.token_ids for c in forks.outputs],
             "after_update": [o.outputs[0].token_ids for o in again],
-            "compiled_by_update": llm.llm_engine.num_compilations - compilations,
+            "compiled_by_update": llm.stats().num_compilations - compilations,
             "kv_cache_spec": [list(runner.kv_cache.k.sharding.spec)
                               if hasattr(runner.kv_cache.k.sharding, "spec") else None],
             "collectives": collectives(runner),
             "param_bytes_device0": on_device0(jax.tree.leaves(runner.params)),
             "kv_page_bytes_device0": on_device0([runner.kv_cache.k, runner.kv_cache.v])
             // runner.kv_cache.num_pages,
-            "compilations": llm.llm_engine.num_compilations}
+            "compilations": llm.stats().num_compilations}
 
 
 def on_device0(arrays) -> int:
@@ -95,7 +93,7 @@ def on_device0(arrays) -> int:
 def collectives(runner) -> dict[str, list[str]]:
     """The collectives XLA inserted into each compiled step bucket, by kind (operand shapes)."""
     out = {}
-    for key, compiled in runner._steps.items():
+    for key, compiled in runner.compiled_steps().items():
         ops = re.findall(r"= (\S+) (all-reduce|all-gather|all-to-all|reduce-scatter)\(",
                          compiled.as_text())
         out["decode" if key.decode_only else "mixed"] = sorted(f"{kind} {shape}" for shape, kind in ops)

@@ -147,7 +147,9 @@ def _abort_all(engine: AsyncEngine, request_ids: list[str]) -> None:
 
 def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: ServerMetrics | None = None,
-              lifespan=None) -> FastAPI:
+              lifespan=None) -> "_Guard":
+    """The ASGI app to serve: the FastAPI routes (its `.app`) behind the API-key and body-size
+    guard."""
     app = FastAPI(title="jpaged", lifespan=lifespan)
     serving = OpenAIServingChat(engine, served_model_names)
     metrics = metrics or ServerMetrics(served_model_names[0])
@@ -212,7 +214,7 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: st
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return _Guard(app, api_key, max_body_bytes), app
+    return _Guard(app, api_key, max_body_bytes)
 
 
 class GracefulServer(uvicorn.Server):

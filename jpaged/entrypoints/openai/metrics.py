@@ -10,7 +10,8 @@ from __future__ import annotations
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                disable_created_metrics, generate_latest)
 
-from jpaged.entrypoints.async_engine import EngineStats, RequestTimes
+from jpaged.core.stats import Stats
+from jpaged.entrypoints.async_engine import RequestTimes
 
 # vLLM's bucket edges (seconds)
 _TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -61,9 +62,9 @@ class ServerMetrics:
         self.itl = histogram("inter_token_latency_seconds", "Time between two outputs of a request.",
                              _ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token.", _E2E_BUCKETS)
-        self._last = EngineStats()
+        self._last = Stats()
 
-    def on_stats(self, stats: EngineStats) -> None:
+    def on_stats(self, stats: Stats) -> None:
         self.running.set(stats.num_requests_running)
         self.waiting.set(stats.num_requests_waiting)
         self.pages_total.set(stats.kv_pages_total)

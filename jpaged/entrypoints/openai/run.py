@@ -1,7 +1,7 @@
 """`jpaged serve`: arguments, start-up (load, warm up, then listen) and graceful shutdown.
 
-Start-up order: load the model, build the engine, compile its shape buckets (warmup.py), start the
-engine loop, then bind the port. So once `/health` answers 200 no first request compiles a step
+Start-up order: load the model, build the engine, compile its shape buckets (LLMEngine.warm_up),
+start the engine loop, then bind the port. So once `/health` answers 200 no first request compiles a step
 for a decode or a lone prefill.
 Shutdown: on SIGINT or SIGTERM uvicorn stops accepting, lets requests in flight finish for up to
 `--shutdown-timeout` seconds, then cancels the rest (which aborts them); the engine loop stops and
@@ -58,7 +58,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=3.0,
                         help="seconds requests in flight may finish after SIGINT/SIGTERM")
     parser.add_argument("--log-level", default="info")
-    parser.add_argument("--debug-fail-step-marker", default=None, help=argparse.SUPPRESS)
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -66,7 +65,6 @@ def run_server(args: argparse.Namespace) -> int:
     from jpaged.entrypoints.llm import LLM
     from jpaged.entrypoints.openai.api_server import GracefulServer, build_app
     from jpaged.entrypoints.openai.metrics import ServerMetrics
-    from jpaged.entrypoints.warmup import warm_up
 
     names = args.served_model_name or [args.model or DEFAULT_SERVED_NAME]
     llm = LLM(args.model, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
@@ -77,19 +75,17 @@ def run_server(args: argparse.Namespace) -> int:
               compilation_cache_dir=args.compilation_cache_dir, seed=args.seed,
               tensor_parallel_size=args.tensor_parallel_size,
               coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-              process_id=args.process_id)
+              process_id=args.process_id,
+              # a bucket first met while serving runs in a compiled stand-in and compiles in the
+              # background (the engine turns this off when several processes must run one program)
+              compile_in_background=True)
     engine = llm.llm_engine
     if args.warmup == "full":
-        warm_up(engine)               # the same steps on every process (deterministic plan)
-    # A bucket first met while serving runs in a compiled stand-in and compiles in the background;
-    # processes that must all run the same program (jax.distributed) compile in step instead.
-    engine.runner.compile_in_background = engine.call_log is None
+        engine.warm_up()              # the same steps on every process (deterministic plan)
     if engine.call_log is not None and not engine.call_log.is_leader:
         logger.info("process %d: following process 0's steps (it serves HTTP)", args.process_id)
         engine.run_follower()
         return 0
-    if args.debug_fail_step_marker:
-        install_step_fault(engine, args.debug_fail_step_marker)
     metrics = ServerMetrics(names[0])
     async_engine = AsyncEngine(engine, max_waiting_requests=args.max_waiting_requests,
                                on_stats=metrics.on_stats, on_output=metrics.on_output)
@@ -100,7 +96,7 @@ def run_server(args: argparse.Namespace) -> int:
         yield
         async_engine.shutdown()
 
-    app, _ = build_app(async_engine, names, api_key=args.api_key,
+    app = build_app(async_engine, names, api_key=args.api_key,
                        max_body_bytes=args.max_body_bytes, metrics=metrics, lifespan=lifespan)
     import uvicorn
 
@@ -113,26 +109,3 @@ def run_server(args: argparse.Namespace) -> int:
     server.run()
     engine.stop_followers()           # multi-process: the other processes return too
     return 0
-
-
-def install_step_fault(engine, marker: str) -> None:
-    """Debug only (`--debug-fail-step-marker MARKER`, hidden): a step that runs a request whose
-    prompt contains MARKER raises after the jitted step has consumed the donated KV cache, the
-    worst case for recovery. Tests use it to show that such a failure fails just the requests of
-    that step (HTTP 500), that the cache is rebuilt, and that the server keeps serving."""
-    import jax
-
-    runner = engine.runner
-    execute = runner.execute
-
-    def failing_execute(out, *args, **kwargs):
-        result = execute(out, *args, **kwargs)
-        states = [engine.requests.get(s.request_id) for s in out.scheduled]
-        if any(state is not None and marker in (state.prompt or "") for state in states):
-            for leaf in jax.tree.leaves(runner.kv_cache):
-                leaf.delete()
-            raise RuntimeError(f"injected step failure (--debug-fail-step-marker {marker!r})")
-        return result
-
-    runner.execute = failing_execute
-    logger.warning("debug: steps running a prompt containing %r will fail", marker)

@@ -21,12 +21,15 @@ def free_port() -> int:
 
 class RemoteServer:
     def __init__(self, args: list[str], log_path: Path, api_key: str | None = None,
-                 timeout: float = 600.0):
+                 timeout: float = 600.0, fail_marker: str | None = None):
+        """`fail_marker`: run faulty_server.py instead, whose steps fail on prompts with it."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.log_path = log_path
-        argv = [sys.executable, "-m", "jpaged.entrypoints.cli", "serve", "--port", str(self.port),
+        launcher = ["-m", "jpaged.entrypoints.cli"] if fail_marker is None else \
+            [str(Path(__file__).with_name("faulty_server.py")), fail_marker]
+        argv = [sys.executable, *launcher, "serve", "--port", str(self.port),
                 *args, *(["--api-key", api_key] if api_key else [])]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,

@@ -34,9 +34,9 @@ def server(smollm2_path, tmp_path_factory):
     srv = RemoteServer([str(smollm2_path), "--served-model-name", MODEL, "--dtype", "float32",
                         "--max-model-len", str(MAX_MODEL_LEN), "--num-pages", "160",
                         "--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting-requests",
-                        str(MAX_WAITING), "--max-body-bytes", "65536", "--warmup", "none",
-                        "--debug-fail-step-marker", FAIL_MARKER],
-                       tmp_path_factory.mktemp("server") / "server.log", api_key=API_KEY)
+                        str(MAX_WAITING), "--max-body-bytes", "65536", "--warmup", "none"],
+                       tmp_path_factory.mktemp("server") / "server.log", api_key=API_KEY,
+                       fail_marker=FAIL_MARKER)
     yield srv
     assert srv.stop() == 0, srv.log_tail()
 

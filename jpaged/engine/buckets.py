@@ -1,0 +1,111 @@
+"""Shape buckets of the step, and the warm-up plan that compiles them before serving.
+
+NOTE: padding buckets. T (tokens), B (sequences) and P (block-table width, pages per sequence) are
+padded up to a few fixed sizes so that, after warm-up, no step compiles again. Every padded token
+costs a full forward and the reference attention reads every padded page of the block table, so
+tokens and pages get finer buckets (4 per octave) than sequences (2 per octave), whose padding only
+costs LM-head rows. A batch where every sequence brings one token is a decode (T = B).
+
+The warm-up plan (`BucketPolicy.warmup_plan`), decode buckets first (every request needs them):
+  - every decode bucket: B x P for each page bucket up to max_model_len;
+  - every prefill of one request alone: each (T, P) a prompt of 1 .. min(max_model_len - 1,
+    max_num_batched_tokens) tokens maps to;
+  - stand-ins for mixed batches (prefill chunks beside running decodes): the largest batch bucket
+    at each power-of-two token count and power-of-two width (and the largest of each), so every
+    mixed batch has one with at most twice its tokens and pages (ModelRunner's stand-ins).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jpaged.core.step import ScheduledSeq
+from jpaged.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class StepKey:
+    """One shape bucket of the step: one compiled executable each."""
+    num_tokens: int      # T, padded
+    num_seqs: int        # B, padded
+    num_pages: int       # P, block-table width, padded
+    decode_only: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupStep:
+    """A fake batch that lands in one bucket: `num_seqs` sequences with `num_pages`-page block
+    tables (every entry the null page, which absorbs their KV writes) bringing `num_tokens` new
+    tokens in all."""
+    kind: Literal["decode", "prefill", "mixed"]
+    num_seqs: int
+    num_tokens: int
+    num_pages: int
+
+    def rows(self, page_size: int, params: SamplingParams) -> list[ScheduledSeq]:
+        """The batch as scheduled rows ("mixed": the tokens spread over the sequences, so at
+        least one brings a chunk of several)."""
+        def row(i: int, new: int) -> ScheduledSeq:
+            context = self.num_pages * page_size if self.kind != "prefill" else new
+            return ScheduledSeq(seq_id=-1 - i, request_id=f"warmup-{i}",
+                                num_computed_tokens=context - new, num_new_tokens=new,
+                                token_ids=[0] * context, num_prompt_tokens=context - 1,
+                                block_table=(0,) * self.num_pages, params=params, seed=0)
+        base, extra = divmod(self.num_tokens, self.num_seqs)
+        return [row(i, base + (i < extra)) for i in range(self.num_seqs)]
+
+
+def geometric_buckets(smallest: int, largest: int, per_octave: int = 2) -> list[int]:
+    """`per_octave` sizes between consecutive powers of two (1x, 1.5x for 2; 1x, 1.25x, 1.5x,
+    1.75x for 4), from `smallest` up to and including `largest`."""
+    out, size = set(), smallest
+    while size < largest:
+        out.update(size + size * i // per_octave for i in range(per_octave))
+        size *= 2
+    return sorted(b for b in out | {largest} if b <= largest)
+
+
+def pick(buckets: list[int], n: int) -> int:
+    """The smallest bucket that holds n."""
+    return next(b for b in buckets if b >= n)
+
+
+class BucketPolicy:
+    def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 page_size: int):
+        self.page_size = page_size
+        self.max_model_len = max_model_len
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.seqs = geometric_buckets(1, max_num_seqs)
+        self.tokens = geometric_buckets(16, max(16, max_num_batched_tokens), per_octave=4)
+        self.pages = geometric_buckets(1, -(-max_model_len // page_size), per_octave=4)
+
+    def key_for(self, rows: list[ScheduledSeq]) -> StepKey:
+        """The smallest bucket that holds these rows."""
+        decode_only = all(r.num_new_tokens == 1 for r in rows)
+        num_seqs = pick(self.seqs, len(rows))
+        return StepKey(
+            num_tokens=num_seqs if decode_only else pick(self.tokens,
+                                                         sum(r.num_new_tokens for r in rows)),
+            num_seqs=num_seqs,
+            num_pages=pick(self.pages, max(len(r.block_table) for r in rows)),
+            decode_only=decode_only)
+
+    def warmup_plan(self) -> list[WarmupStep]:
+        """One fake batch per bucket to compile before serving (see the module docstring)."""
+        size = self.page_size
+        pages = [p for p in self.pages if (p - 1) * size < self.max_model_len]
+        plan = [WarmupStep("decode", b, b, p) for p in pages for b in self.seqs]
+        longest = {}   # (T, P) bucket -> the longest prompt in it (a 1-token prompt is a decode)
+        for length in range(2, min(self.max_model_len - 1, self.max_num_batched_tokens) + 1):
+            longest[(pick(self.tokens, length), pick(self.pages, -(-length // size)))] = length
+        plan += [WarmupStep("prefill", 1, length, -(-length // size))
+                 for length in longest.values()]
+        batch = self.seqs[-1]
+        if batch > 1:
+            widths = sorted({p for p in pages if p & (p - 1) == 0} | {pages[-1]})
+            tokens = [t for t in self.tokens if t > batch and t & (t - 1) == 0]
+            plan += [WarmupStep("mixed", batch, t, p) for p in widths
+                     for t in tokens + [self.tokens[-1]] if -(-t // batch) <= p * size]
+        return list(dict.fromkeys(plan))

@@ -1,0 +1,134 @@
+"""The model's weights: one layout, two placements of the layer stack, one accessor.
+
+Layout (what `jpaged convert` stores, `jpaged.load` returns and the engine holds; shape legend in
+jpaged_kernels/reference.py, G = N // K query heads per KV head):
+
+  embed/embedding [V, D]      norm/scale [D]      lm_head [D, V] (untied models)
+  layers/attn_norm/scale, layers/mlp_norm/scale       [L, D]
+  layers/attn/wqkv  [L, D, K, G+2, H]   q, k, v fused by KV head: [..., k, :G, :] are the G query
+                                        heads of KV head k, [..., k, G, :] its key, [..., k, G+1, :]
+                                        its value
+  layers/attn/bqkv  [L, K, G+2, H]      (qkv_bias) the same grouping
+  layers/attn/wo    [L, N*H, D]         layers/attn/bo [L, D] (o_bias)
+  layers/mlp/w_gate_up [L, D, 2, F]     [..., 0, :] gate, [..., 1, :] up
+  layers/mlp/w_down    [L, F, D]
+
+NOTE: why fused and grouped by KV head. q, k, v (and gate, up) share their input, so one matmul
+reads x once; and tensor parallelism splits wqkv along K (w_gate_up along F), so every device holds
+whole query groups with their own KV head and nothing is resharded (jpaged/parallel.py).
+
+Placement of the layer stack, chosen once per params tree by `arrange_layers` (at load, and for
+`update_params`):
+  stacked    every layer leaf is one [L, ...] array, read by a dynamic index inside the layer loop
+             (GPU, TPU, any sharded params);
+  per layer  each matmul weight is a tuple of L arrays (one CPU device).
+NOTE: why per layer on CPU. Under a loop over layers, `W[layer]` of a stacked weight is a dynamic
+slice that XLA:CPU copies into a fresh buffer before the matmul: every step copied all layer
+weights (~425 MB for SmolLM2), so batch-1 decode ran at copy bandwidth, not read bandwidth. With
+one buffer per layer, the matmul picks its buffer with a `lax.switch` whose branches are the
+matmul itself, which then reads the weight in place.
+
+The model reads every layer weight through `LayerWeights` (`matmul`, `get`), the one place that
+knows the placement; quantized weights and adapters plug in there too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LAYER_MATMULS = ("wqkv", "wo", "w_gate_up", "w_down")   # split per layer on one CPU device
+
+
+def reads_in_place(params) -> bool:
+    """Whether `params` live on one CPU device (then the matmul weights go per layer)."""
+    leaves = jax.tree.leaves(params)
+    return bool(leaves) and all(
+        isinstance(leaf, jax.Array) and len(leaf.devices()) == 1
+        and next(iter(leaf.devices())).platform == "cpu" for leaf in leaves)
+
+
+def is_per_layer(params) -> bool:
+    return any(isinstance(leaf, tuple) for leaf in _layer_leaves(params).values())
+
+
+def arrange_layers(params, per_layer: bool | None = None) -> dict:
+    """`params` with the layer stack placed stacked or per layer (see the module docstring);
+    `per_layer=None` chooses by where the params live (`reads_in_place`). Idempotent.
+
+    On a CPU device each layer's buffer is made from a zero-copy NumPy view of the stacked array
+    (one device_put per layer, no per-shape compilation); NumPy leaves stay NumPy (update_params
+    places them)."""
+    if per_layer is None:
+        per_layer = reads_in_place(params)
+    layers = {group: dict(leaves) for group, leaves in params["layers"].items()}
+    for group, leaves in layers.items():
+        for name, leaf in leaves.items():
+            if per_layer and name in LAYER_MATMULS and not isinstance(leaf, tuple):
+                leaves[name] = _unstack(leaf)
+            elif not per_layer and isinstance(leaf, tuple):
+                leaves[name] = jnp.stack(leaf) if isinstance(leaf[0], jax.Array) else np.stack(leaf)
+    return {**params, "layers": layers}
+
+
+def stacked_shapes(params):
+    """`params` as ShapeDtypeStructs in the stacked placement (a per-layer tuple of L arrays
+    [...] is described as one [L, ...] leaf), whichever placement it has; nothing is copied."""
+    def shape(leaf):
+        if isinstance(leaf, tuple):
+            return jax.ShapeDtypeStruct((len(leaf), *np.shape(leaf[0])), leaf[0].dtype)
+        return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype)
+    return jax.tree.map(shape, params, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _layer_leaves(params) -> dict:
+    return {(group, name): leaf for group, leaves in params.get("layers", {}).items()
+            for name, leaf in leaves.items()}
+
+
+def _unstack(leaf) -> tuple:
+    num_layers = leaf.shape[0]
+    if isinstance(leaf, np.ndarray):
+        return tuple(leaf[i] for i in range(num_layers))
+    if all(device.platform == "cpu" for device in leaf.devices()):
+        host = np.asarray(leaf)
+        return tuple(jax.device_put(host[i], leaf.sharding) for i in range(num_layers))
+    return tuple(leaf[i] for i in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """One layer's view of the layer stack, whichever placement it has."""
+    weights: dict      # {"attn": {...}, "mlp": {...}, "attn_norm": {...}, "mlp_norm": {...}}
+    layer: jax.Array   # scalar int32
+
+    def has(self, group: str, name: str) -> bool:
+        return name in self.weights[group]
+
+    def get(self, group: str, name: str):
+        """The layer's slice of a leaf (a norm scale, a bias, or a weight)."""
+        w = self.weights[group][name]
+        if isinstance(w, tuple):
+            return jax.lax.switch(self.layer, [functools.partial(_pick, i) for i in range(len(w))],
+                                  w)
+        return jax.lax.dynamic_index_in_dim(w, self.layer, keepdims=False)
+
+    def matmul(self, spec: str, x, group: str, name: str):
+        """einsum(spec, x, W[layer]), reading W[layer] in place when the stack is per layer."""
+        w = self.weights[group][name]
+        if not isinstance(w, tuple):
+            return jnp.einsum(spec, x, jax.lax.dynamic_index_in_dim(w, self.layer, keepdims=False))
+        branches = [functools.partial(_einsum_layer, spec, layer=i) for i in range(len(w))]
+        return jax.lax.switch(self.layer, branches, x, w)
+
+
+def _pick(i, leaves):
+    return leaves[i]
+
+
+def _einsum_layer(spec, x, weights, *, layer):
+    return jnp.einsum(spec, x, weights[layer])
