@@ -33,6 +33,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     finished: bool
+    # with SamplingParams.prompt_logprobs: None for the first prompt token, then per token a dict
+    # {token id: Logprob} holding the prompt token (its rank among all) and the top k (vLLM's)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclasses.dataclass

@@ -235,10 +235,11 @@ class TensorParallel:
 
     def step_shardings(self, params):
         """(in_shardings, out_shardings) of the engine's step(params, kv_cache, batch): the batch's
-        small int32 arrays and the logits replicated, the donated cache kept by KV head."""
+        small int32 arrays, the logits and the prompt log-probs replicated, the donated cache kept
+        by KV head."""
         cache = self.cache_sharding()
         return (jax.tree.map(lambda a: a.sharding, params), cache, self.replicated), \
-            (self.replicated, cache)
+            (self.replicated, cache, self.replicated)
 
 
 def place(tree, shardings):

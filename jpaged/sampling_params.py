@@ -44,6 +44,7 @@ _TYPES = {
     "stop_token_ids": (lambda x: x is None or _is_list_of(_is_int)(x), "a list of ints or None"),
     "ignore_eos": (lambda x: isinstance(x, bool), "a bool"),
     "logprobs": (lambda x: x is None or _is_int(x), "an int or None"),
+    "prompt_logprobs": (lambda x: x is None or _is_int(x), "an int or None"),
     "include_stop_str_in_output": (lambda x: isinstance(x, bool), "a bool"),
     "skip_special_tokens": (lambda x: isinstance(x, bool), "a bool"),
     "output_kind": (lambda x: isinstance(x, RequestOutputKind), "a RequestOutputKind"),
@@ -64,6 +65,10 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None         # number of top logprobs to return per token (plus the sampled one)
+    # per prompt token after the first: its log-prob given the tokens before it and the top k
+    # (vLLM's prompt_logprobs; RequestOutput.prompt_logprobs). Such a prompt is always computed:
+    # it reads nothing from the prefix cache.
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -79,7 +84,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         for name in _FLOAT_FIELDS:
             setattr(self, name, float(getattr(self, name)))
-        for name in ("n", "top_k", "min_tokens", "seed", "max_tokens", "logprobs"):
+        for name in ("n", "top_k", "min_tokens", "seed", "max_tokens", "logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
@@ -131,6 +136,9 @@ class SamplingParams:
              f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs!r}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got "
+             f"{self.prompt_logprobs!r}"),
             (self.seed is None or isinstance(self.seed, int), f"seed must be an int, got {self.seed!r}"),
             (all(isinstance(s, str) and s for s in self.stop),
              f"stop must be non-empty strings, got {self.stop!r}"),

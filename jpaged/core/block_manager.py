@@ -128,8 +128,10 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> int:
         """Give a sequence with no pages yet the cached pages of its longest cached prefix.
         Returns the number of tokens they hold. The last token is never served from the cache:
-        it must be computed to produce the logits of the next one."""
-        if not self.enable_prefix_caching or seq.block_table:
+        it must be computed to produce the logits of the next one. A sequence that wants prompt
+        log-probabilities computes its whole prompt (vLLM's rule)."""
+        if not self.enable_prefix_caching or seq.block_table or \
+                seq.params.prompt_logprobs is not None:
             return 0
         for key, tokens in seq.full_pages(self.page_size, (seq.num_tokens - 1) // self.page_size):
             self.stats.prefix_cache_queries += 1

@@ -33,7 +33,7 @@ from jpaged.core.block_manager import BlockManager
 from jpaged.core.request import Request
 from jpaged.core.sequence import Sequence, SequenceStatus
 from jpaged.core.stats import Stats
-from jpaged.core.step import ScheduledSeq, SchedulerOutput, SeqUpdate, StepResult
+from jpaged.core.step import PromptLogprobs, ScheduledSeq, SchedulerOutput, SeqUpdate, StepResult
 from jpaged.outputs import Logprob
 
 logger = logging.getLogger("jpaged")
@@ -256,6 +256,8 @@ class Scheduler:
         for i, row in enumerate(out.scheduled):
             request = self.requests[row.request_id]
             seq = request.seq(row.seq_id)
+            if result.prompt_logprobs is not None and result.prompt_logprobs[i] is not None:
+                _record_prompt_logprobs(seq, row, result.prompt_logprobs[i])
             seq.num_computed_tokens += row.num_new_tokens
             self.block_manager.commit(seq)
             if not row.samples:
@@ -333,6 +335,24 @@ class Scheduler:
         if selection.done:
             request.beams_done = True
             del self.requests[request.request_id]
+
+
+def _record_prompt_logprobs(seq: Sequence, row: ScheduledSeq, data: PromptLogprobs) -> None:
+    """vLLM's prompt_logprobs: None for the first prompt token, then for prompt position p the
+    log-prob of its token given the ones before (new token j predicts position start + j + 1).
+    Positions already recorded (a sequence recomputed after preemption) are skipped."""
+    k = seq.params.prompt_logprobs
+    if not seq.prompt_logprobs:
+        seq.prompt_logprobs.append(None)
+    for j in range(row.num_new_tokens):
+        position = row.num_computed_tokens + j + 1
+        if position >= seq.num_prompt_tokens or position != len(seq.prompt_logprobs):
+            continue
+        token = seq.prompt_token_ids[position]
+        entry = {token: Logprob(float(data.logprobs[j]), int(data.ranks[j]))}
+        for rank, (tid, tlp) in enumerate(zip(data.top_ids[j, :k], data.top_logprobs[j, :k])):
+            entry.setdefault(int(tid), Logprob(float(tlp), rank + 1))
+        seq.prompt_logprobs.append(entry)
 
 
 def _record_logprobs(seq: Sequence, token: int, result: StepResult, row: int, j: int) -> None:

@@ -45,6 +45,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.logprobs: list[dict] = []
         self.cumulative_logprob = 0.0
+        self.prompt_logprobs: list[dict | None] = []   # with params.prompt_logprobs (vLLM's)
 
     @property
     def num_tokens(self) -> int:

@@ -66,6 +66,16 @@ class SchedulerOutput:
 
 
 @dataclasses.dataclass
+class PromptLogprobs:
+    """For each new token of a row (a prompt chunk): the log-prob of the prompt token that follows
+    it, that token's rank (1 = the most likely), and the top K tokens with their log-probs."""
+    logprobs: np.ndarray           # [n] float32
+    ranks: np.ndarray              # [n] int32
+    top_ids: np.ndarray            # [n, K] int32
+    top_logprobs: np.ndarray       # [n, K] float32
+
+
+@dataclasses.dataclass
 class StepResult:
     """What the device produced for a SchedulerOutput, row for row (NumPy, B = its rows).
 
@@ -77,6 +87,8 @@ class StepResult:
     logprobs: np.ndarray | None = None      # [B, A] float32, log-prob of each token (when asked)
     top_ids: np.ndarray | None = None       # [B, A, MAX_LOGPROBS] int32
     top_logprobs: np.ndarray | None = None  # [B, A, MAX_LOGPROBS] float32
+    # per row, for rows of requests with prompt_logprobs that computed prompt tokens; else None
+    prompt_logprobs: list[PromptLogprobs | None] | None = None
 
     def tokens(self, row: int) -> list[int]:
         count = 1 if self.num_tokens is None else int(self.num_tokens[row])

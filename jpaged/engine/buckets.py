@@ -31,6 +31,7 @@ class StepKey:
     num_seqs: int        # B, padded
     num_pages: int       # P, block-table width, padded
     decode_only: bool
+    prompt_logprobs: bool = False   # the step also scores prompt tokens (wants_prompt_logprobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,12 @@ class WarmupStep:
                                 block_table=(0,) * self.num_pages, params=params, seed=0)
         base, extra = divmod(self.num_tokens, self.num_seqs)
         return [row(i, base + (i < extra)) for i in range(self.num_seqs)]
+
+
+def wants_prompt_logprobs(row: ScheduledSeq) -> bool:
+    """The row computes prompt tokens that are followed by prompt tokens it must score."""
+    return row.params.prompt_logprobs is not None and \
+        row.num_computed_tokens < row.num_prompt_tokens - 1 and row.num_new_tokens > 0
 
 
 def geometric_buckets(smallest: int, largest: int, per_octave: int = 2) -> list[int]:
@@ -90,7 +97,8 @@ class BucketPolicy:
                                                          sum(r.num_new_tokens for r in rows)),
             num_seqs=num_seqs,
             num_pages=pick(self.pages, max(len(r.block_table) for r in rows)),
-            decode_only=decode_only)
+            decode_only=decode_only,
+            prompt_logprobs=any(wants_prompt_logprobs(r) for r in rows))
 
     def warmup_plan(self) -> list[WarmupStep]:
         """One fake batch per bucket to compile before serving (see the module docstring)."""

@@ -48,6 +48,7 @@ class RequestState:
     params: SamplingParams
     detokenizers: list[IncrementalDetokenizer | None]
     sent: list[Sent]
+    prompt_logprobs_sent: bool = False   # DELTA: they go out once, in the first output (vLLM)
 
 
 class OutputProcessor:
@@ -144,8 +145,11 @@ class OutputProcessor:
                    for seq, detok, sent in zip(request.seqs, state.detokenizers, state.sent)
                    if not delta or (not sent.done and (seq.num_output_tokens > sent.tokens
                                                        or seq.is_finished))]
+        prompt_logprobs = None
+        if state.params.prompt_logprobs is not None and not (delta and state.prompt_logprobs_sent):
+            prompt_logprobs, state.prompt_logprobs_sent = request.seqs[0].prompt_logprobs, True
         return RequestOutput(state.request_id, state.prompt, state.prompt_token_ids, outputs,
-                             finished=finished)
+                             finished=finished, prompt_logprobs=prompt_logprobs)
 
     def _completion(self, seq: Sequence, detok, sent: Sent, *, delta: bool) -> CompletionOutput:
         text = self._text(seq, detok)

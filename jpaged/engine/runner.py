@@ -24,8 +24,8 @@ import jax
 import numpy as np
 
 from jpaged.core.stats import Stats
-from jpaged.core.step import ScheduledSeq, SchedulerOutput, StepResult
-from jpaged.engine.buckets import BucketPolicy, StepKey, WarmupStep
+from jpaged.core.step import PromptLogprobs, ScheduledSeq, SchedulerOutput, StepResult
+from jpaged.engine.buckets import BucketPolicy, StepKey, WarmupStep, wants_prompt_logprobs
 from jpaged.engine.page_mover import PageMover
 from jpaged.engine.sampler import SamplerFlags, SamplingTensors, build_sampling_tensors, sample
 from jpaged.engine.step_inputs import StepInputs, build_step_inputs
@@ -45,8 +45,11 @@ _WARMUP_SAMPLERS = (SamplingParams(temperature=0.0, max_tokens=1),
 
 
 def step(model: CausalLM, params, kv_cache: KVCache, batch: StepInputs):
-    """The pure device step: (logits [B, V] of each sequence's last token, updated cache)."""
-    return model.apply({"params": params}, batch.token_ids, batch.positions, kv_cache, batch.metadata)
+    """The pure device step: (logits [B, V] of each sequence's last token, updated cache,
+    TokenLogprobs of the prompt tokens when the batch scores some, else None)."""
+    out = model.apply({"params": params}, batch.token_ids, batch.positions, kv_cache,
+                      batch.metadata, batch.logprob_targets)
+    return out if len(out) == 3 else (*out, None)
 
 
 class ModelRunner:
@@ -102,7 +105,7 @@ class ModelRunner:
         """Apply the step's page moves (swaps, copy-on-write), run the step, and sample."""
         self.kv_cache = self.pages.apply(out, self.kv_cache)
         fn, key, inputs = self._executable(out.scheduled)
-        logits, self.kv_cache = fn(self.params, self.kv_cache, inputs)
+        logits, self.kv_cache, token_logprobs = fn(self.params, self.kv_cache, inputs)
         tensors, flags = build_sampling_tensors(out.scheduled, key.num_seqs, self.vocab_size,
                                                 self.max_model_len, self.eos_token_ids)
         tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, tensors, flags=flags)
@@ -110,9 +113,11 @@ class ModelRunner:
         waiting = time.perf_counter()
         rows = [None if x is None else np.asarray(_local(x))[:n, None]
                 for x in (tokens, logprobs, top_ids, top_lp)]
+        prompt_logprobs = None if token_logprobs is None else _per_row(
+            out.scheduled, jax.tree.map(lambda x: np.asarray(_local(x)), token_logprobs))
         self.stats.device_wait_seconds += time.perf_counter() - waiting
         return StepResult(token_ids=rows[0], logprobs=rows[1], top_ids=rows[2],
-                          top_logprobs=rows[3])
+                          top_logprobs=rows[3], prompt_logprobs=prompt_logprobs)
 
     def warm_up(self, plan: list[WarmupStep]) -> None:
         """Compile `plan`'s buckets by running them (with JAX's persistent compilation cache on,
@@ -155,7 +160,8 @@ class ModelRunner:
         step too (with more padding), a mixed batch only a mixed step."""
         fits = [k for k in self._steps
                 if k.num_tokens >= key.num_tokens and k.num_seqs >= key.num_seqs
-                and k.num_pages >= key.num_pages and (key.decode_only or not k.decode_only)]
+                and k.num_pages >= key.num_pages and (key.decode_only or not k.decode_only)
+                and k.prompt_logprobs == key.prompt_logprobs]
         return min(fits, default=None, key=lambda k: (not k.decode_only, k.num_tokens,
                                                       k.num_pages, k.num_seqs))
 
@@ -229,9 +235,10 @@ class ModelRunner:
             self.stats.num_step_compilations += 1
             self.stats.compile_seconds += seconds
             number = self.stats.num_step_compilations
-        logger.info("compiled step #%d for %s batch T=%d B=%d P=%d in %.1fs%s", number,
+        logger.info("compiled step #%d for %s batch T=%d B=%d P=%d%s in %.1fs%s", number,
                     "decode" if key.decode_only else "mixed", key.num_tokens, key.num_seqs,
-                    key.num_pages, seconds, " (in the background)" if background else "")
+                    key.num_pages, " with prompt log-probs" if key.prompt_logprobs else "",
+                    seconds, " (in the background)" if background else "")
         return compiled
 
     def _sample_traced(self, logits, tensors: SamplingTensors, *, flags: SamplerFlags):
@@ -242,6 +249,18 @@ class ModelRunner:
 def _shapes(tree):
     """`tree`'s arrays as shapes (ShapeDtypeStructs with their shardings)."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _per_row(rows: list[ScheduledSeq], token_logprobs) -> list[PromptLogprobs | None]:
+    """The step's per-token prompt log-probs cut into each row's new tokens (None for rows that
+    score nothing)."""
+    out, offset = [], 0
+    for r in rows:
+        n = r.num_new_tokens
+        out.append(PromptLogprobs(*(getattr(token_logprobs, f)[offset:offset + n] for f in (
+            "logprobs", "ranks", "top_ids", "top_logprobs"))) if wants_prompt_logprobs(r) else None)
+        offset += n
+    return out
 
 
 def _local(x: jax.Array) -> jax.Array:

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from jpaged.core.step import ScheduledSeq
-from jpaged.engine.buckets import StepKey
+from jpaged.engine.buckets import StepKey, wants_prompt_logprobs
 from jpaged.models.kv_cache import AttentionMetadata, slot_mapping
 
 
@@ -21,10 +21,11 @@ class StepInputs:
     token_ids: jax.Array          # [T] int32
     positions: jax.Array          # [T] int32
     metadata: AttentionMetadata
+    logprob_targets: jax.Array | None = None   # [T] int32, the prompt token after each (-1: none)
 
 
-jax.tree_util.register_dataclass(StepInputs, data_fields=["token_ids", "positions", "metadata"],
-                                 meta_fields=[])
+jax.tree_util.register_dataclass(StepInputs, data_fields=["token_ids", "positions", "metadata",
+                                                          "logprob_targets"], meta_fields=[])
 
 
 def build_step_inputs(rows: list[ScheduledSeq], key: StepKey, page_size: int) -> StepInputs:
@@ -52,5 +53,21 @@ def build_step_inputs(rows: list[ScheduledSeq], key: StepKey, page_size: int) ->
              for r in rows])
     slots = np.zeros(key.num_tokens, np.int32)
     slots[:num_real] = slot_mapping(block_tables, row, positions[:num_real], page_size)
-    return StepInputs(token_ids, positions, AttentionMetadata(
-        block_tables, slots, context_lens, query_start_loc, decode_only=key.decode_only))
+    metadata = AttentionMetadata(block_tables, slots, context_lens, query_start_loc,
+                                 decode_only=key.decode_only)
+    targets = _logprob_targets(rows, key.num_tokens) if key.prompt_logprobs else None
+    return StepInputs(token_ids, positions, metadata, targets)
+
+
+def _logprob_targets(rows: list[ScheduledSeq], num_tokens: int) -> np.ndarray:
+    """[T]: for each new prompt token of a row that wants prompt log-probs, the prompt token that
+    follows it; -1 elsewhere."""
+    targets = np.full(num_tokens, -1, np.int32)
+    offset = 0
+    for r in rows:
+        if wants_prompt_logprobs(r):
+            first = r.num_computed_tokens + 1
+            end = min(r.num_computed_tokens + r.num_new_tokens + 1, r.num_prompt_tokens)
+            targets[offset:offset + end - first] = r.token_ids[first:end]
+        offset += r.num_new_tokens
+    return targets

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jpaged.config import ModelConfig
 from jpaged.models.kv_cache import AttentionFns, AttentionMetadata, KVCache, reference_attention
 from jpaged.models.weights import LayerWeights
+from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged_kernels import write_kv
 
 
@@ -88,6 +89,41 @@ def decoder_layer(w: LayerWeights, x, kv: KVCache, cos, sin, metadata: Attention
     return h + mlp_block(w, rms_norm(h, w.get("mlp_norm", "scale"), eps, dtype)), kv
 
 
+@dataclasses.dataclass
+class TokenLogprobs:
+    """Per token t of a step: the log-prob of logprob_targets[t] under the logits at t, its rank
+    (1 = the most likely), and the top K (K = MAX_LOGPROBS) tokens and their log-probs."""
+    logprobs: jax.Array        # [T] float32
+    ranks: jax.Array           # [T] int32
+    top_ids: jax.Array         # [T, K] int32
+    top_logprobs: jax.Array    # [T, K] float32
+
+
+jax.tree_util.register_dataclass(TokenLogprobs, data_fields=["logprobs", "ranks", "top_ids",
+                                                             "top_logprobs"], meta_fields=[])
+
+
+def token_logprobs(x, targets, head, chunk: int = 128, top_k: int = MAX_LOGPROBS) -> TokenLogprobs:
+    """x [T, D] (final-normed hidden states), targets [T] -> TokenLogprobs, the [chunk, V] logits
+    made and reduced a chunk of tokens at a time (never all [T, V] at once)."""
+    num_tokens = x.shape[0]
+    size = min(chunk, num_tokens)
+    pad = -num_tokens % size
+    xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, size, x.shape[1])
+    ts = jnp.pad(targets, (0, pad), constant_values=-1).reshape(-1, size)
+
+    def one(args):
+        h, t = args
+        lp = jax.nn.log_softmax(head(h).astype(jnp.float32), axis=-1)            # [C, V]
+        target = jnp.take_along_axis(lp, jnp.maximum(t, 0)[:, None], axis=-1)[:, 0]
+        rank = 1 + jnp.sum(lp > target[:, None], axis=-1).astype(jnp.int32)
+        top_lp, top_ids = jax.lax.top_k(lp, top_k)
+        return target, rank, top_ids.astype(jnp.int32), top_lp
+
+    out = jax.lax.map(one, (xs, ts))
+    return TokenLogprobs(*(a.reshape(-1, *a.shape[2:])[:num_tokens] for a in out))
+
+
 def layer_param_specs(c: ModelConfig) -> dict[str, dict[str, tuple]]:
     """The layer stack's leaves, by group: name -> (stacked shape [L, ...], initializer)."""
     L, d, f, n, k, h = (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads,
@@ -110,10 +146,13 @@ class CausalLM(nn.Module):
     attention: AttentionFns = dataclasses.field(default_factory=reference_attention)
 
     @nn.compact
-    def __call__(self, token_ids, positions, kv_cache: KVCache, metadata: AttentionMetadata):
+    def __call__(self, token_ids, positions, kv_cache: KVCache, metadata: AttentionMetadata,
+                 logprob_targets=None):
         """token_ids, positions [T] -> (logits [B, V] float32 of each sequence's last token, cache).
 
         Params: the layout of jpaged/models/weights.py, the layer stack in either placement.
+        `logprob_targets` [T] int32 (prompt log-probabilities): for each new token, the token that
+        follows it (-1: none wanted); a third result, TokenLogprobs, then holds their log-probs.
         """
         c = self.config
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
@@ -134,13 +173,17 @@ class CausalLM(nn.Module):
                                         jnp.arange(c.num_layers, dtype=jnp.int32))
         last = jnp.maximum(metadata.query_start_loc[1:] - 1, 0)              # [B]
         scale = self.param("norm", lambda key: {"scale": jnp.ones((c.hidden_size,), self.dtype)})
-        x = rms_norm(x[last], scale["scale"], c.rms_norm_eps, self.dtype)    # [B, D]
         if c.tie_word_embeddings:
-            logits = embed.attend(x)
+            head = embed.attend
         else:
-            logits = x @ self.param("lm_head", nn.initializers.normal(0.02),
-                                    (c.hidden_size, c.vocab_size), self.dtype)
-        return logits.astype(jnp.float32), kv_cache
+            lm_head = self.param("lm_head", nn.initializers.normal(0.02),
+                                 (c.hidden_size, c.vocab_size), self.dtype)
+            head = lambda h: h @ lm_head                                      # noqa: E731
+        norm = lambda h: rms_norm(h, scale["scale"], c.rms_norm_eps, self.dtype)  # noqa: E731
+        logits = head(norm(x[last])).astype(jnp.float32)                     # [B, V]
+        if logprob_targets is None:
+            return logits, kv_cache
+        return logits, kv_cache, token_logprobs(norm(x), logprob_targets, head)
 
     def _init_layers(self) -> dict:
         key = self.make_rng("params")

@@ -333,3 +333,32 @@ def test_bfloat16_engine_agrees_with_float32(tiny_llama_dir, engine):
         LLM(str(tiny_llama_dir), dtype="int8")
     assert_all_pages_free(bf16_engine)
     assert_all_pages_free(engine)
+
+
+def test_prompt_logprobs_equal_hf_through_chunks_and_skip_the_prefix_cache(engine, tiny_llama_hf):
+    """vLLM's prompt_logprobs: None first, then each prompt token's log-prob given the ones before
+    (with its rank) and the top k, equal to HF's full forward; computed over 32-token chunks; a
+    request that wants them reads nothing from the prefix cache; n = 2 forks still get them."""
+    import torch
+
+    prompt = random_prompts(1, seed=13, low=70, high=71)[0]             # 3 chunks of <= 32
+    with torch.no_grad():
+        want = torch.log_softmax(tiny_llama_hf(torch.tensor([prompt])).logits[0], -1).numpy()
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, n=2, ignore_eos=True)
+    for attempt in range(2):               # the second would hit the prefix cache if it could
+        cached = engine.stats().num_cached_tokens
+        out = run_to_completion(engine, {0: [(f"plp{attempt}", {"prompt_token_ids": prompt},
+                                              params)]})[f"plp{attempt}"]
+        assert engine.stats().num_cached_tokens == cached
+        plp = out.prompt_logprobs
+        assert len(plp) == len(prompt) and plp[0] is None
+        for p in range(1, len(prompt)):
+            row = want[p - 1]
+            entry = plp[p]
+            assert entry[prompt[p]].logprob == pytest.approx(row[prompt[p]], abs=1e-4)
+            assert entry[prompt[p]].rank == 1 + int((row > row[prompt[p]]).sum())
+            top = np.argsort(-row)[:2]                  # the top 2 are in, with their log-probs
+            assert all(entry[int(t)].logprob == pytest.approx(row[t], abs=1e-4) for t in top)
+            assert len(entry) == 2 + (prompt[p] not in top)
+        assert len(out.outputs) == 2
+    assert_all_pages_free(engine)
