@@ -6,6 +6,7 @@
     POST /v1/chat/completions   OpenAI chat completions through the tokenizer's chat template
     POST /generate              vLLM's simple API: {"prompt", "stream", **sampling} -> {"text": [...]}
     GET  /metrics               Prometheus text (see metrics.py)
+    GET  /                      the chat page (see ui.py; the page loads without a key, its calls not)
 
 Every refusal is OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}`: malformed
 JSON or a body that is not an object (400), wrong types or out-of-range values (400, naming the
@@ -39,6 +40,7 @@ from jpaged.entrypoints.openai.protocol import (ChatCompletionRequest, Completio
                                                 ModelCard, ModelList)
 from jpaged.entrypoints.openai.serving_chat import OpenAIServingChat
 from jpaged.entrypoints.openai.serving_engine import EventStream, OpenAIError, error_body
+from jpaged.entrypoints.openai.ui import add_ui_routes, capabilities
 
 logger = logging.getLogger("jpaged")
 DEFAULT_MAX_BODY_BYTES = 4 << 20      # jpaged serve --max-body-bytes
@@ -53,11 +55,13 @@ def _error(exc: OpenAIError) -> JSONResponse:
 
 
 class _Guard:
-    """ASGI middleware: the API key (all paths but /health) and the body size limit, checked
-    before any route runs; a chunked body is counted as it arrives."""
+    """ASGI middleware: the API key (all paths but /health and the chat page's static files) and
+    the body size limit, checked before any route runs; a chunked body is counted as it arrives."""
 
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+    def __init__(self, app, api_key: str | None, max_body_bytes: int,
+                 public_paths: frozenset[str] = frozenset()):
         self.app = app
+        self.public_paths = {"/health", *public_paths}
         self.api_key = api_key.encode() if api_key else None
         self.max_body_bytes = max_body_bytes
 
@@ -65,7 +69,7 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.api_key is not None and scope["path"] != "/health":
+        if self.api_key is not None and scope["path"] not in self.public_paths:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + self.api_key):
                 reason = "missing" if not given else "wrong"
@@ -147,9 +151,9 @@ def _abort_all(engine: AsyncEngine, request_ids: list[str]) -> None:
 
 def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: ServerMetrics | None = None,
-              lifespan=None) -> "_Guard":
+              lifespan=None, enable_ui: bool = True) -> "_Guard":
     """The ASGI app to serve: the FastAPI routes (its `.app`) behind the API-key and body-size
-    guard."""
+    guard; with `enable_ui`, the chat page at `/` (ui.py)."""
     app = FastAPI(title="jpaged", lifespan=lifespan)
     serving = OpenAIServingChat(engine, served_model_names)
     metrics = metrics or ServerMetrics(served_model_names[0])
@@ -214,7 +218,9 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: st
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    return _Guard(app, api_key, max_body_bytes)
+    public_paths = add_ui_routes(app, capabilities(served_model_names, serving.max_model_len)) \
+        if enable_ui else frozenset()
+    return _Guard(app, api_key, max_body_bytes, public_paths)
 
 
 class GracefulServer(uvicorn.Server):

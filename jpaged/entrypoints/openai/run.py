@@ -58,6 +58,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=3.0,
                         help="seconds requests in flight may finish after SIGINT/SIGTERM")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--disable-ui", action="store_true",
+                        help="do not serve the chat page at / (the JSON API stays)")
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -97,13 +99,16 @@ def run_server(args: argparse.Namespace) -> int:
         async_engine.shutdown()
 
     app = build_app(async_engine, names, api_key=args.api_key,
-                       max_body_bytes=args.max_body_bytes, metrics=metrics, lifespan=lifespan)
+                       max_body_bytes=args.max_body_bytes, metrics=metrics, lifespan=lifespan,
+                       enable_ui=not args.disable_ui)
     import uvicorn
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout, access_log=False)
     logger.info("serving %s on http://%s:%d (API key %s)", names, args.host, args.port,
                 "required" if args.api_key else "off")
+    if not args.disable_ui:
+        logger.info("chat page: http://%s:%d/", args.host, args.port)
     server = GracefulServer(config)
     server.before_cancel = async_engine.shutdown
     server.run()
