@@ -21,7 +21,8 @@ MARKUP = "<img src=x onerror=window.pwned=1>"
 TIMEOUT_MS = 90_000               # the first answers compile their step buckets (--warmup none)
 
 _MISSING = missing()
-pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"browser tests skipped: {_MISSING}")
+needs_browser = pytest.mark.skipif(_MISSING is not None,
+                                   reason=f"browser tests skipped: {_MISSING}")
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +89,7 @@ def non_streamed(server, body: dict) -> str:
 
 
 # ---- the API key -----------------------------------------------------------------------------------
+@needs_browser
 def test_page_loads_without_the_key_and_its_api_calls_need_it(server, browser):
     for path in ("/", "/ui/chat.js", "/ui/chat.css"):
         r = httpx.get(server.url + path)
@@ -123,6 +125,7 @@ def test_page_loads_without_the_key_and_its_api_calls_need_it(server, browser):
 
 
 # ---- streaming, stop, safe rendering --------------------------------------------------------------
+@needs_browser
 def test_streamed_answer_arrives_in_pieces_and_equals_the_greedy_answer(server, browser):
     page = open_page(browser, server)
     set_controls(page, system="You are a concise assistant.", temperature=0, **{
@@ -152,6 +155,7 @@ def test_streamed_answer_arrives_in_pieces_and_equals_the_greedy_answer(server, 
     page.context.close()
 
 
+@needs_browser
 def test_stop_button_aborts_and_the_server_frees_its_pages(server, browser):
     page = open_page(browser, server)
     set_controls(page, temperature=0, **{"max-tokens": 200})
@@ -171,6 +175,7 @@ def test_stop_button_aborts_and_the_server_frees_its_pages(server, browser):
     page.context.close()
 
 
+@needs_browser
 def test_markup_in_a_completion_is_shown_as_text(server, browser):
     page = open_page(browser, server)
     set_controls(page, temperature=0, **{"max-tokens": 24})
@@ -185,6 +190,7 @@ def test_markup_in_a_completion_is_shown_as_text(server, browser):
 
 
 # ---- what the page offers follows the server's capabilities ---------------------------------------
+@needs_browser
 def test_adapter_and_schema_controls_appear_with_the_capabilities(server, browser):
     """The server has no LoRA adapters or structured outputs yet: the capabilities are answered
     here as a server with them would, and the page's request is caught before it leaves."""
