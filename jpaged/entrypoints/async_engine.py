@@ -16,9 +16,12 @@ NOTE: failures. An exception inside a step fails the requests of that step (thei
 (rebuilding the donated KV cache if the failed step consumed it); the loop keeps serving. Only
 if recovery itself fails is the engine marked dead: every stream fails and new requests are
 refused (`/health` then answers 503).
-NOTE: admission. At most `max_waiting_requests` requests may be waiting (accepted, not yet
-producing tokens); past that `generate` raises `QueueFullError` (HTTP 503) before touching the
-engine.
+NOTE: admission counts client requests, not engine requests. `add_requests` admits a client's
+whole batch (a completion with many prompts, n split into several engine requests) as ONE waiting
+request, or refuses all of it: past `max_waiting_requests` client requests waiting (admitted, not
+every engine request of theirs producing tokens yet) it raises `QueueFullError` (HTTP 503 with
+Retry-After) before touching the engine. So a request is never refused for its size, only because
+others wait, and a retry succeeds once they have started.
 """
 
 from __future__ import annotations
@@ -48,6 +51,17 @@ class EngineDeadError(RuntimeError):
     """The engine loop could not recover from a failure and serves no more requests."""
 
 
+class ShuttingDownError(EngineDeadError):
+    """The server is stopping (SIGTERM): requests are refused or cut, a restarted server takes
+    them (HTTP 503)."""
+
+
+@dataclass
+class _Group:
+    """The engine requests of one client request: it counts as waiting until each has started."""
+    pending: int
+
+
 class EngineStepError(RuntimeError):
     """A step failed while running this request; the request was aborted (HTTP 500)."""
 
@@ -63,6 +77,7 @@ class _Stream:
     last_token_at: float | None = None
     num_output_tokens: int = 0
     started: bool = False               # produced its first output (no longer waiting)
+    group: _Group | None = None
 
 
 @dataclass
@@ -109,7 +124,7 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._thread.join(timeout)
         for request_id in request_ids:
-            self._fail(request_id, EngineDeadError("the server is shutting down"))
+            self._fail(request_id, ShuttingDownError("the server is shutting down"))
 
     @property
     def num_in_flight(self) -> int:
@@ -145,16 +160,37 @@ class AsyncEngine:
         """Validate and queue one request (on the event loop's thread). Raises ValueError naming
         the problem, QueueFullError or EngineDeadError, leaving nothing behind; the outputs then
         come from `outputs(request_id, stream)`."""
+        return self.add_requests([(request_id, prompt, params)])[0]
+
+    def add_requests(self, requests: list[tuple[str, object, SamplingParams]]) -> list["_Stream"]:
+        """Admit and queue one client request's engine requests (request_id, prompt, params) as
+        one (see NOTE: admission): all of them or, on any error, none (those added are aborted)."""
         if self.dead is not None:
             raise EngineDeadError(f"the engine loop has stopped after an unrecoverable error "
                                   f"({self.dead!r}); restart the server")
         if self._stopping:
-            raise EngineDeadError("the server is shutting down")
+            raise ShuttingDownError("the server is shutting down")
         if self._num_waiting >= self.max_waiting_requests:
             raise QueueFullError(f"the server's waiting queue is full ({self._num_waiting} "
                                  f"requests waiting, max_waiting_requests="
                                  f"{self.max_waiting_requests}); retry later")
-        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic())
+        group = _Group(pending=len(requests))
+        self._num_waiting += 1
+        streams: list[_Stream] = []
+        try:
+            for request_id, prompt, params in requests:
+                streams.append(self._add_one(request_id, prompt, params, group))
+        except BaseException:
+            for (request_id, _, _), _ in zip(requests, streams):
+                self.abort(request_id)
+            self._settle(group, len(requests) - len(streams))
+            raise
+        self._wakeup.set()
+        return streams
+
+    def _add_one(self, request_id: str, prompt, params: SamplingParams, group: _Group) -> _Stream:
+        stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic(),
+                         group=group)
         with self._streams_lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
@@ -165,8 +201,6 @@ class AsyncEngine:
             with self._streams_lock:
                 self._streams.pop(request_id, None)
             raise
-        self._num_waiting += 1
-        self._wakeup.set()
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -258,12 +292,24 @@ class AsyncEngine:
         self._call_in_loop(stream, stream.queue.put_nowait, output)
 
     def _start(self, stream: _Stream) -> None:
-        """The request stops counting as waiting (first output, abort or failure), exactly once."""
+        """The engine request has started (first output, abort or failure), exactly once; its
+        client request stops counting as waiting when its last one has."""
         with self._streams_lock:
             if stream.started:
                 return
             stream.started = True
+            stream.group.pending -= 1
+            if stream.group.pending:
+                return
         self._call_in_loop(stream, self._unwait)
+
+    def _settle(self, group: _Group, never_added: int) -> None:
+        """On the event loop: engine requests of `group` that were never added count as started."""
+        with self._streams_lock:
+            group.pending -= never_added
+            done = never_added and not group.pending
+        if done:
+            self._unwait()
 
     def _unwait(self) -> None:
         self._num_waiting -= 1

@@ -9,11 +9,18 @@
     GET  /                      the chat page (see ui.py; the page loads without a key, its calls not)
 
 Every refusal is OpenAI's error JSON `{"error": {"message", "type", "param", "code"}}`: malformed
-JSON or a body that is not an object (400), wrong types or out-of-range values (400, naming the
-field and the value), an unknown model (404), a missing or wrong API key (401), a body over
-`max_body_bytes` (413), a full waiting queue (503), a failed engine step (500).
+JSON, a body that is not an object, text that is not Unicode (a lone surrogate escape), nesting
+deeper than 200 levels (400), wrong types, non-finite numbers or out-of-range values (400, naming
+the field and the value), ambiguous headers (400: two Authorization or Content-Type headers,
+Content-Length with Transfer-Encoding), a JSON endpoint without `Content-Type: application/json`
+(415), an unknown model (404), a missing or wrong API key (401), a body over `max_body_bytes`
+(413), a full waiting queue or a server shutting down (503 with Retry-After), a failed engine step
+or a dead engine (500). No request body or header makes a 5xx.
 NOTE: a non-streamed request whose client disconnects is cancelled, and a stream whose client goes
-away is cancelled by Starlette; either way the request is aborted and its pages freed at once.
+away is cancelled by Starlette; either way the request is aborted and its pages freed at once. A
+client that leaves before its body has arrived is logged at info level.
+NOTE: JSON only with its media type, so that a web page cannot make a browser post to this
+server without a CORS preflight (a form or `fetch` with no-cors sends text/plain or no type).
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import contextlib
 import hmac
 import json
 import logging
+import re
 import signal
 from http import HTTPStatus
 
+import pydantic_core
 import uvicorn
 
 from fastapi import FastAPI, Request
@@ -33,6 +42,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from jpaged.entrypoints.async_engine import AsyncEngine
 from jpaged.entrypoints.openai.metrics import ServerMetrics
@@ -50,8 +60,33 @@ class _BodyTooLarge(Exception):
     pass
 
 
+_JSON_MEDIA_TYPE = re.compile(r"^application/([\w.-]+\+)?json\s*(;.*)?$", re.IGNORECASE)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
 def _error(exc: OpenAIError) -> JSONResponse:
-    return JSONResponse(exc.response().model_dump(), status_code=exc.status)
+    return JSONResponse(exc.response().model_dump(), status_code=exc.status, headers=exc.headers)
+
+
+def _ambiguous(headers: list[tuple[bytes, bytes]]) -> OpenAIError | None:
+    """Headers two parts of a stack could read differently (request smuggling, a proxy and this
+    server disagreeing on the key): refused."""
+    names = [name for name, _ in headers]
+    for name in (b"authorization", b"content-type", b"content-length", b"transfer-encoding"):
+        if names.count(name) > 1:
+            return OpenAIError(f"the request has {names.count(name)} {name.decode()} headers; "
+                               f"send one", param=name.decode())
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return OpenAIError("the request has both Content-Length and Transfer-Encoding; send one",
+                           param="transfer-encoding")
+    return None
+
+
+def _bearer_token(value: bytes) -> bytes:
+    """The credentials of `Authorization: Bearer <token>`; the scheme is case-insensitive
+    (RFC 7235)."""
+    scheme, _, token = value.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
 
 
 class _Guard:
@@ -68,10 +103,13 @@ class _Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        problem = _ambiguous(scope["headers"])
+        if problem is not None:
+            return await _error(problem)(scope, receive, send)
         headers = dict(scope["headers"])
         if self.api_key is not None and scope["path"] not in self.public_paths:
             given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + self.api_key):
+            if not hmac.compare_digest(_bearer_token(given), self.api_key):
                 reason = "missing" if not given else "wrong"
                 response = _error(OpenAIError(
                     f"Unauthorized: the API key is {reason}; send the header "
@@ -101,12 +139,13 @@ class _Guard:
 
 
 async def _parse(request: Request, model: type[BaseModel] | None):
-    """The JSON body as `model` (or a plain dict); every problem is a 400 naming the field."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OpenAIError(f"the body is not valid JSON: {exc}", param="body") from exc
+    """The JSON body as `model` (or a plain dict); every problem is a 4xx naming the field."""
+    media_type = request.headers.get("content-type")
+    if media_type is None or not _JSON_MEDIA_TYPE.match(media_type):
+        raise OpenAIError(f"{request.url.path} takes a JSON body with the header 'Content-Type: "
+                          f"application/json', got Content-Type {media_type!r}",
+                          HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "content-type")
+    data = _load_json(await request.body())
     if not isinstance(data, dict):
         raise OpenAIError(f"the body must be a JSON object, got {type(data).__name__}",
                           param="body")
@@ -120,6 +159,53 @@ async def _parse(request: Request, model: type[BaseModel] | None):
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         given = "" if err["type"] == "missing" else f", got {err.get('input')!r}"
         raise OpenAIError(f"{field}: {err['msg']}{given}{more}", param=field) from exc
+
+
+def _load_json(raw: bytes):
+    """The parsed body. NOTE: pydantic's parser (jiter) limits nesting to 200 levels and refuses a
+    lone UTF-16 surrogate escape ("\\ud800", not a character: Python's json would pass it on to
+    the tokenizer, which fails); big or non-finite numbers are checked per field later."""
+    try:
+        return pydantic_core.from_json(raw, allow_inf_nan=True)
+    except ValueError as exc:
+        where = _lone_surrogate(raw) if _SURROGATE_ESCAPE.search(raw) else None
+        if where is not None:
+            raise OpenAIError(f"{where} holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                              f"without its pair), which is not a character; send valid Unicode",
+                              param=where) from exc
+        raise OpenAIError(f"the body is not valid JSON: {exc}", param="body") from exc
+
+
+def _lone_surrogate(raw: bytes) -> str | None:
+    """The field (dotted path) of the first string holding a lone surrogate, if any."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    todo = [("", data)]
+    while todo:
+        path, value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+            value = list(value)
+        if isinstance(value, list):
+            todo.extend((f"{path}.{i}" if path else str(i), v) for i, v in enumerate(value)
+                        if not isinstance(v, str))
+            value = [v for v in value if isinstance(v, str)]
+            bad = [v for v in value if not _is_unicode(v)]
+            if bad:
+                return path or "body"
+        elif isinstance(value, str) and not _is_unicode(value):
+            return path or "body"
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _until_disconnect(request: Request, handler):
@@ -151,11 +237,13 @@ def _abort_all(engine: AsyncEngine, request_ids: list[str]) -> None:
 
 def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: ServerMetrics | None = None,
-              lifespan=None, enable_ui: bool = True) -> "_Guard":
+              lifespan=None, enable_ui: bool = True,
+              trust_request_chat_template: bool = False) -> "_Guard":
     """The ASGI app to serve: the FastAPI routes (its `.app`) behind the API-key and body-size
     guard; with `enable_ui`, the chat page at `/` (ui.py)."""
     app = FastAPI(title="jpaged", lifespan=lifespan)
-    serving = OpenAIServingChat(engine, served_model_names)
+    serving = OpenAIServingChat(engine, served_model_names,
+                                trust_request_chat_template=trust_request_chat_template)
     metrics = metrics or ServerMetrics(served_model_names[0])
     app.state.engine, app.state.metrics = engine, metrics
 
@@ -168,6 +256,12 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: st
         return _error(OpenAIError(f"the request body is larger than this server's limit of "
                                   f"{max_body_bytes} bytes (--max-body-bytes); send a smaller "
                                   f"one", HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "body"))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _: ClientDisconnect):
+        logger.info("%s %s: the client disconnected before sending its whole body",
+                    request.method, request.url.path)
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

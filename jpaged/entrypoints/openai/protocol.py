@@ -1,10 +1,11 @@
 """Request and response models of the OpenAI-compatible server, with vLLM's field names.
 
-Requests allow unknown fields (the OpenAI API does; vLLM ignores them too). Types are checked by
-pydantic (a wrong type is a 400 naming the field and the value); ranges are checked by
-`SamplingParams`, whose errors name the field, so the server and the offline API agree.
-Fields that jpaged does not implement (`logit_bias`, `tools`, `best_of`, ...) are refused with a
-400 when set, rather than silently ignored.
+Requests allow unknown fields (vLLM ignores them too). Types are checked by pydantic (a wrong type
+is a 400 naming the field and the value; numbers must be finite); ranges are checked by
+`SamplingParams`, whose errors name the field, so the server and the offline API agree, plus
+vLLM's own server-side bounds (serving_engine.py). Fields of vLLM's API that jpaged does not
+implement (`best_of`, `suffix`, `use_beam_search`, structured outputs, ...) are refused with a 400
+when set, rather than silently ignored (serving_engine.UNSUPPORTED_FIELDS).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 MAX_LOGPROBS = 20
@@ -69,9 +70,16 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: StrictBool | None = False
 
 
+class ResponseFormat(OpenAIBaseModel):
+    """OpenAI's `response_format`: only "text" is served until structured outputs land (the
+    other types are refused with a 400 naming them)."""
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
+
+
 # ---- the sampling fields both endpoints share -----------------------------------------------------
 class _SamplingFields(OpenAIBaseModel):
     """OpenAI's sampling fields plus vLLM's extra ones. None means "the default"."""
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     model: str | None = None
     n: StrictInt = 1
     temperature: float | None = None
@@ -83,7 +91,8 @@ class _SamplingFields(OpenAIBaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None                     # accepted and ignored, as in vLLM
-    logit_bias: dict[str, float] | None = None  # refused when set
+    logit_bias: dict[str, float] | None = None  # refused until the sampler has it
+    response_format: ResponseFormat | None = None
     # vLLM's extra sampling parameters
     top_k: StrictInt | None = None
     min_p: float | None = None
@@ -93,15 +102,28 @@ class _SamplingFields(OpenAIBaseModel):
     stop_token_ids: list[StrictInt] | None = None
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    prompt_logprobs: StrictInt | None = None    # vLLM's: log-probs of the prompt's tokens
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
-    max_tokens: StrictInt | None = 16
+    max_tokens: StrictInt | None = 16           # 0 with echo: the prompt alone (vLLM's)
     logprobs: StrictInt | None = None
     echo: StrictBool = False
+    add_special_tokens: StrictBool = True
     best_of: StrictInt | None = None            # refused unless None or n
     suffix: str | None = None                   # refused when set
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolParam(OpenAIBaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -110,8 +132,14 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = 0
-    tools: list[dict[str, Any]] | None = None   # refused when non-empty
+    tools: list[ToolParam] | None = None        # rendered by the template; no tool calls parsed
+    tool_choice: Any = None                     # checked as vLLM does (serving_chat.py)
     add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    echo: StrictBool = False                    # vLLM's: continue the last message's text
+    documents: list[dict[str, StrictStr]] | None = None
+    chat_template: str | None = None            # refused unless --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -123,6 +151,16 @@ class GenerateRequest(OpenAIBaseModel):
 
 
 # ---- completion responses -------------------------------------------------------------------------
+class PromptLogprob(OpenAIBaseModel):
+    """vLLM's Logprob as its server sends it in `prompt_logprobs` (keyed by token id)."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionLogProbs(OpenAIBaseModel):
     text_offset: list[int] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -136,6 +174,7 @@ class CompletionResponseChoice(OpenAIBaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class CompletionResponse(OpenAIBaseModel):
@@ -199,6 +238,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
     model: str
     choices: list[ChatCompletionResponseChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class DeltaMessage(OpenAIBaseModel):

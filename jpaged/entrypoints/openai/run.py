@@ -58,6 +58,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=3.0,
                         help="seconds requests in flight may finish after SIGINT/SIGTERM")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="let a request bring its own chat template (vLLM's flag; off: "
+                             "only the tokenizer's template is rendered)")
     parser.add_argument("--disable-ui", action="store_true",
                         help="do not serve the chat page at / (the JSON API stays)")
 
@@ -100,7 +103,8 @@ def run_server(args: argparse.Namespace) -> int:
 
     app = build_app(async_engine, names, api_key=args.api_key,
                        max_body_bytes=args.max_body_bytes, metrics=metrics, lifespan=lifespan,
-                       enable_ui=not args.disable_ui)
+                       enable_ui=not args.disable_ui,
+                       trust_request_chat_template=args.trust_request_chat_template)
     import uvicorn
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -1,5 +1,13 @@
-"""POST /v1/chat/completions: the tokenizer's chat template turns the messages into one prompt
-(as `LLM.chat` does), which runs as one engine request with n samples.
+"""POST /v1/chat/completions: the chat template turns the messages into one prompt (as
+`LLM.chat` does, rendered by chat_template.py off the event loop and within the context's size),
+which runs as one engine request with n samples (several past max_num_seqs).
+
+The template is the tokenizer's; a request's own (`chat_template`, or in `chat_template_kwargs`)
+only with `--trust-request-chat-template` (vLLM's flag). `add_generation_prompt`,
+`continue_final_message`, `documents` and `tools` reach the template as in vLLM; when a request
+sets one only inside `chat_template_kwargs`, that value is used. Tools are shown to the model
+with `tool_choice: "none"`; the choices that need a tool-call parser are refused as vLLM refuses
+them without one.
 
 A stream sends, per choice, a first chunk with `{"role": "assistant", "content": ""}`, then each
 step's new text, then the finish reason; with `stream_options.include_usage` a last chunk with no
@@ -14,75 +22,167 @@ from collections.abc import AsyncIterator
 from jinja2 import TemplateError
 
 from jpaged.entrypoints.async_engine import EngineDeadError, EngineStepError
+from jpaged.entrypoints.openai.chat_template import ChatTemplateRenderer, TemplateLimitError
 from jpaged.entrypoints.openai.protocol import (ChatCompletionLogProb, ChatCompletionLogProbs,
                                                 ChatCompletionLogProbsContent,
                                                 ChatCompletionRequest, ChatCompletionResponse,
                                                 ChatCompletionResponseChoice,
                                                 ChatCompletionResponseStreamChoice,
                                                 ChatCompletionStreamResponse, ChatResponseMessage,
-                                                DeltaMessage, UsageInfo, random_id)
-from jpaged.entrypoints.openai.serving_completion import OpenAIServingCompletion
+                                                DeltaMessage, PromptLogprob, UsageInfo, random_id)
+from jpaged.entrypoints.openai.serving_completion import OpenAIServingCompletion, engine_error
 from jpaged.entrypoints.openai.serving_engine import (SSE_DONE, EventStream, OpenAIError, error_body,
                                                      merge_async_iterators, sse, top_logprobs_of)
 from jpaged.outputs import CompletionOutput
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+_TOOL_CHOICE_USAGE = 'Correct usage: `{"type": "function", "function": {"name": "my_function"}}`'
 
 
 class OpenAIServingChat(OpenAIServingCompletion):
+    def __init__(self, engine, served_model_names: list[str], *,
+                 trust_request_chat_template: bool = False):
+        super().__init__(engine, served_model_names)
+        self.trust_request_chat_template = trust_request_chat_template
+        self.templates = None if self.tokenizer is None else \
+            ChatTemplateRenderer(self.tokenizer, max_chars=self.max_prompt_chars)
+
     async def create_chat_completion(self, request: ChatCompletionRequest
                                      ) -> ChatCompletionResponse | EventStream:
-        self.check_model(request.model)
+        self.check_request(request)
         self._refuse_unsupported_chat(request)
-        prompt = self.render(request)
-        max_tokens = request.max_completion_tokens or request.max_tokens
+        self._check_tools(request)
+        prompt, messages, add_generation_prompt = await self.render(request)
+        max_tokens, param = (request.max_completion_tokens, "max_completion_tokens") \
+            if request.max_completion_tokens is not None else (request.max_tokens, "max_tokens")
+        if max_tokens is not None and max_tokens < 1:
+            raise OpenAIError(f"{param} must be at least 1, got {max_tokens}.", param=param)
         params = self.sampling_params(
             request, logprobs=request.top_logprobs or 0 if request.logprobs else None,
-            max_tokens=self.check_length(len(prompt["prompt_token_ids"]), max_tokens, "messages"))
+            prompt_logprobs=request.prompt_logprobs,
+            max_tokens=self.check_length(len(prompt["prompt_token_ids"]), max_tokens, "messages",
+                                         param))
+        parts = self.split_samples(params)
         request_id = random_id("chatcmpl")
-        [(_, stream)] = self.add_requests(request_id, [(prompt, params)])
-        outputs = merge_async_iterators(self.engine.outputs(f"{request_id}-0", stream))
-        chat = _ChatChoices(self, request, prompt, request_id)
+        added = self.add_requests(request_id, [(prompt, part) for _, part in parts])
+        outputs = merge_async_iterators(*(self.engine.outputs(rid, stream)
+                                          for rid, stream in added))
+        # vLLM's: the answer's role is the assistant's, or without a generation prompt the last
+        # message's; `echo` starts the answer with the last message's text if it has that role
+        role = "assistant" if add_generation_prompt else messages[-1]["role"]
+        echo = messages[-1]["content"] if request.echo and messages[-1]["role"] == role else ""
+        chat = _ChatChoices(self, request, prompt, request_id, [first for first, _ in parts],
+                            role, echo)
         if request.stream:
-            return EventStream(chat.stream(outputs), [f"{request_id}-0"])
+            return EventStream(chat.stream(outputs), [rid for rid, _ in added])
         return await chat.collect(outputs)
 
     @staticmethod
     def _refuse_unsupported_chat(request: ChatCompletionRequest) -> None:
-        if request.tools:
-            raise OpenAIError("tools are not supported by jpaged; leave them out", param="tools")
         if request.top_logprobs and not request.logprobs:
             raise OpenAIError("when using `top_logprobs`, `logprobs` must be set to true.",
                               param="top_logprobs")
         if request.top_logprobs is not None and not 0 <= request.top_logprobs <= 20:
             raise OpenAIError(f"top_logprobs must be between 0 and 20, got "
                               f"{request.top_logprobs}", param="top_logprobs")
-        if request.stream_options is not None and not request.stream:
-            raise OpenAIError("Stream options can only be defined when `stream=True`.",
-                              param="stream_options")
 
-    def render(self, request: ChatCompletionRequest) -> dict:
-        """Messages -> {"prompt": templated text, "prompt_token_ids": its ids}."""
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+    @staticmethod
+    def _check_tools(request: ChatCompletionRequest) -> None:
+        """vLLM's checks of `tools` and `tool_choice`, then vLLM's refusal of the choices that
+        need a tool-call parser (jpaged has none yet): only "none" passes, with or without
+        tools."""
+        tools = request.tools
+        if tools == []:
+            raise OpenAIError("`tools` must not be an empty array. Either provide at least one "
+                              "tool or omit the field entirely.", param="tools")
+        choice = request.tool_choice if "tool_choice" in request.model_fields_set else \
+            ("auto" if tools else "none")
+        if choice in ("none", None):
+            return
+        if tools is None:
+            raise OpenAIError("When using `tool_choice`, `tools` must be set.",
+                              param="tool_choice")
+        if isinstance(choice, dict):
+            function = choice.get("function")
+            if not isinstance(function, dict):
+                raise OpenAIError(f"Invalid value for `function`: `{function}` in `tool_choice`! "
+                                  f"{_TOOL_CHOICE_USAGE}", param="tool_choice.function")
+            name = function.get("name")
+            if not isinstance(name, str) or not name:
+                raise OpenAIError(f"Invalid `name` in `function`: `{name}` in `tool_choice`! "
+                                  f"{_TOOL_CHOICE_USAGE}", param="tool_choice.function.name")
+            if all(tool.function.name != name for tool in tools):
+                raise OpenAIError("The tool specified in `tool_choice` does not match any of the "
+                                  "specified `tools`", param="tool_choice")
+            wanted = f'function "{name}"'
+        elif choice in ("auto", "required"):
+            wanted = f'"{choice}"'
+        else:
+            raise OpenAIError(f'Invalid value for `tool_choice`: {choice}! Only named tools, '
+                              f'"none", "auto" or "required" are supported.', param="tool_choice")
+        if choice == "auto":
+            raise OpenAIError('"auto" tool choice requires --enable-auto-tool-choice and '
+                              '--tool-call-parser to be set (jpaged has no tool-call parser yet; '
+                              'tool_choice "none" shows the tools to the model)',
+                              param="tool_choice")
+        raise OpenAIError(f"tool_choice={wanted} requires --tool-call-parser to be set (jpaged has "
+                          f"no tool-call parser yet; tool_choice \"none\" shows the tools to the "
+                          f"model)", param="tool_choice")
+
+    async def render(self, request: ChatCompletionRequest) -> tuple[dict, list[dict], bool]:
+        """({"prompt": templated text, "prompt_token_ids": its ids}, the messages as rendered,
+        add_generation_prompt as used)."""
+        kwargs = dict(request.chat_template_kwargs or {})
+        source = request.chat_template if request.chat_template is not None else \
+            kwargs.pop("chat_template", None)
+        kwargs.pop("chat_template", None)
+        if source is not None and not self.trust_request_chat_template:
+            raise OpenAIError("Chat template is passed with request, but "
+                              "--trust-request-chat-template is not set. Refused request with "
+                              "untrusted chat template.", param="chat_template")
+        if "tokenize" in kwargs:
+            raise OpenAIError("Found unexpected chat template kwargs from request: {'tokenize'}",
+                              param="chat_template_kwargs")
+        if self.templates is not None and source is None:
+            source = self.templates.default_template(with_tools=bool(request.tools))
+        if not source:
             raise OpenAIError("this model's tokenizer has no chat template; use /v1/completions",
                               param="messages")
         messages = [self._message(i, m) for i, m in enumerate(request.messages)]
         if not messages:
             raise OpenAIError("messages must not be empty: give at least one message",
                               param="messages")
+        options = {name: getattr(request, name) if name in request.model_fields_set or
+                   name not in kwargs else kwargs[name]
+                   for name in ("add_generation_prompt", "continue_final_message", "documents")}
+        if options["add_generation_prompt"] and options["continue_final_message"]:
+            raise OpenAIError("Cannot set both `continue_final_message` and "
+                              "`add_generation_prompt` to True.", param="continue_final_message")
+        if "reasoning_effort" in (request.model_extra or {}):
+            kwargs.setdefault("reasoning_effort", request.model_extra["reasoning_effort"])
+        tools = [tool.model_dump(exclude_none=True) for tool in request.tools] \
+            if request.tools else kwargs.get("tools")
         try:
-            with self.tokenizer_lock:
-                text = self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=request.add_generation_prompt,
-                    **(request.chat_template_kwargs or {}))
-        except (TemplateError, ValueError, TypeError) as exc:
-            raise OpenAIError(f"the chat template rejected the messages: {exc}",
-                              param="messages") from exc
-        return {"prompt": text, "prompt_token_ids": self.encode(text, add_special_tokens=False)}
+            extra = self.templates.template_kwargs(source, kwargs)
+            for name in (*options, "tools"):
+                extra.pop(name, None)
+            text = await self.templates.render(source, messages, tools=tools, **options, **extra)
+        except TemplateLimitError as exc:
+            raise OpenAIError(f"This model's maximum context length is {self.max_model_len} "
+                              f"tokens; rendering the messages stopped: {exc}. Please reduce the "
+                              f"length of the messages.", param="messages") from exc
+        except (TemplateError, ValueError, TypeError, ArithmeticError, LookupError) as exc:
+            raise OpenAIError(f"the chat template rejected the messages: "
+                              f"{type(exc).__name__}: {exc}", param="messages") from exc
+        [ids] = await self.encode([text], add_special_tokens=request.add_special_tokens,
+                                  param="messages")
+        return ({"prompt": text, "prompt_token_ids": ids}, messages,
+                options["add_generation_prompt"])
 
     @staticmethod
     def _message(i: int, message: dict) -> dict:
-        """One message with its content flattened to text (text parts joined by newlines)."""
+        """One message with its content flattened to text (text parts joined by newlines), and
+        its tool fields (`name`, `tool_call_id`, `tool_calls`) kept."""
         role, content = message.get("role"), message.get("content")
         if role not in ROLES:
             raise OpenAIError(f"messages[{i}].role must be one of {list(ROLES)}, got {role!r}",
@@ -102,16 +202,29 @@ class OpenAIServingChat(OpenAIServingCompletion):
         if not isinstance(content, str):
             raise OpenAIError(f"messages[{i}].content must be a string or a list of text parts, "
                               f"got {type(content).__name__}", param=f"messages[{i}].content")
-        return {"role": role, "content": content}
+        out = {"role": role, "content": content}
+        for name, kind in (("name", str), ("tool_call_id", str), ("tool_calls", list)):
+            value = message.get(name)
+            if value is not None and not isinstance(value, kind):
+                raise OpenAIError(f"messages[{i}].{name} must be a {kind.__name__}, got "
+                                  f"{type(value).__name__}", param=f"messages[{i}].{name}")
+            if value is not None:
+                out[name] = value
+        return out
 
 
 class _ChatChoices:
+    """The choices of one chat request as DELTA outputs arrive from its engine requests (engine
+    request k makes samples firsts[k] ...)."""
+
     def __init__(self, serving: OpenAIServingChat, request: ChatCompletionRequest, prompt: dict,
-                 request_id: str):
-        self.serving, self.request = serving, request
+                 request_id: str, firsts: list[int], role: str, echo: str):
+        self.serving, self.request, self.firsts = serving, request, firsts
+        self.role, self.echo = role, echo
         self.num_prompt_tokens = len(prompt["prompt_token_ids"])
         self.id, self.created = request_id, int(time.time())
         self.num_completion_tokens = 0
+        self.prompt_logprobs = None
 
     def usage(self) -> UsageInfo:
         return UsageInfo(prompt_tokens=self.num_prompt_tokens,
@@ -131,30 +244,41 @@ class _ChatChoices:
                           for t, lp in top_logprobs_of(entry, k)])
             for token_id, entry in zip(output.token_ids, output.logprobs)]
 
+    def _note(self, request_output) -> None:
+        if request_output.prompt_logprobs is not None and self.prompt_logprobs is None:
+            text = self.serving.token_text
+            self.prompt_logprobs = [
+                None if e is None else {t: PromptLogprob(logprob=max(lp.logprob, -9999.0),
+                                                         rank=lp.rank, decoded_token=text(t))
+                                        for t, lp in e.items()}
+                for e in request_output.prompt_logprobs]
+
     async def collect(self, outputs) -> ChatCompletionResponse:
         texts: dict[int, list[str]] = {}
         logprobs: dict[int, list] = {}
         finish: dict[int, tuple] = {}
         try:
-            async for _, request_output in outputs:
+            async for k, request_output in outputs:
+                self._note(request_output)
                 for output in request_output.outputs:
-                    texts.setdefault(output.index, []).append(output.text)
+                    index = self.firsts[k] + output.index
+                    texts.setdefault(index, [self.echo]).append(output.text)
                     self.num_completion_tokens += len(output.token_ids)
                     step = self.logprobs(output)
                     if step is not None:
-                        logprobs.setdefault(output.index, []).extend(step)
+                        logprobs.setdefault(index, []).extend(step)
                     if output.finish_reason is not None:
-                        finish[output.index] = (output.finish_reason, output.stop_reason)
+                        finish[index] = (output.finish_reason, output.stop_reason)
         except (EngineStepError, EngineDeadError) as exc:
-            raise OpenAIError(str(exc), 500 if isinstance(exc, EngineStepError) else 503) from exc
+            raise engine_error(exc) from exc
         choices = [ChatCompletionResponseChoice(
-            index=i, message=ChatResponseMessage(role="assistant", content="".join(texts[i])),
+            index=i, message=ChatResponseMessage(role=self.role, content="".join(texts[i])),
             logprobs=ChatCompletionLogProbs(content=logprobs[i]) if i in logprobs else None,
             finish_reason=finish.get(i, (None, None))[0], stop_reason=finish.get(i, (None, None))[1])
             for i in sorted(texts)]
         return ChatCompletionResponse(id=self.id, created=self.created,
                                       model=self.serving.model_name, choices=choices,
-                                      usage=self.usage())
+                                      usage=self.usage(), prompt_logprobs=self.prompt_logprobs)
 
     def chunk(self, choice: ChatCompletionResponseStreamChoice) -> str:
         return sse(ChatCompletionStreamResponse(id=self.id, created=self.created,
@@ -164,19 +288,20 @@ class _ChatChoices:
         try:
             for index in range(self.request.n):
                 yield self.chunk(ChatCompletionResponseStreamChoice(
-                    index=index, delta=DeltaMessage(role="assistant", content="")))
-            async for _, request_output in outputs:
+                    index=index, delta=DeltaMessage(role=self.role, content=self.echo)))
+            async for k, request_output in outputs:
                 for output in request_output.outputs:
                     self.num_completion_tokens += len(output.token_ids)
                     if not output.text and not output.token_ids and output.finish_reason is None:
                         continue
                     step = self.logprobs(output)
                     yield self.chunk(ChatCompletionResponseStreamChoice(
-                        index=output.index, delta=DeltaMessage(content=output.text),
+                        index=self.firsts[k] + output.index, delta=DeltaMessage(content=output.text),
                         logprobs=None if step is None else ChatCompletionLogProbs(content=step),
                         finish_reason=output.finish_reason, stop_reason=output.stop_reason))
         except (EngineStepError, EngineDeadError) as exc:
-            yield sse(error_body(str(exc), 500))
+            error = engine_error(exc)
+            yield sse(error_body(error.message, error.status))
             yield SSE_DONE
             return
         finally:

@@ -1,6 +1,6 @@
 """What the completion, chat and /generate handlers share: errors in OpenAI's shape, the model-name
-check, sampling parameters from a request, the context-length check, token strings for logprobs,
-and server-sent events.
+check, sampling parameters from a request (vLLM's bounds, the fields refused), tokenization off
+the event loop, the context-length check, token strings for logprobs, and server-sent events.
 
 Errors follow vLLM's wording where vLLM has one (e.g. "The model `x` does not exist.", the
 max-context message), and always name the offending field in `param`.
@@ -12,13 +12,15 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import re
 from collections.abc import AsyncIterator
 from http import HTTPStatus
 
 from pydantic import BaseModel
 
-from jpaged.entrypoints.async_engine import AsyncEngine
+from jpaged.entrypoints.async_engine import (AsyncEngine, EngineDeadError, QueueFullError,
+                                             ShuttingDownError)
 from jpaged.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 from jpaged.outputs import Logprob
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
@@ -27,14 +29,46 @@ _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFou
                 413: "RequestTooLargeError", 500: "InternalServerError",
                 503: "ServiceUnavailableError"}
 _SAMPLING_FIELD = re.compile(r"^SamplingParams: (\w+)")
+RETRY_AFTER_S = 1                   # the Retry-After of a 503 (a full queue, a restart)
+MAX_N = 16384                       # vLLM's VLLM_MAX_N_SEQUENCES default
+MAX_TEMPERATURE = 2.0               # vLLM's bound
+# vLLM request fields jpaged does not implement: refused when set to anything but their default
+# (value), so that no option is silently ignored. Unknown fields that are not vLLM's are ignored.
+UNSUPPORTED_FIELDS = {
+    "use_beam_search": (False, "beam search runs offline only (LLM.beam_search)"),
+    "allowed_token_ids": (None, "the sampler has no token allow-list yet"),
+    "bad_words": ([], "the sampler has no banned words yet"),
+    "logit_bias": (None, "the sampler has no logit bias yet"),
+    "structured_outputs": (None, "structured outputs are not implemented yet"),
+    "guided_json": (None, "structured outputs are not implemented yet"),
+    "guided_regex": (None, "structured outputs are not implemented yet"),
+    "guided_choice": (None, "structured outputs are not implemented yet"),
+    "guided_grammar": (None, "structured outputs are not implemented yet"),
+    "logprob_token_ids": (None, "log-probs of chosen token ids are not implemented"),
+    "truncate_prompt_tokens": (None, "prompts are not truncated; shorten the prompt"),
+    "prompt_embeds": (None, "jpaged takes text or token ids, not embeddings"),
+    "priority": (0, "the scheduler is first come, first served"),
+    "cache_salt": (None, "the prefix cache has no salts"),
+    "return_token_ids": (False, "token ids are not returned"),
+    "return_tokens_as_token_ids": (False, "tokens are returned as text"),
+    "spaces_between_special_tokens": (True, "special tokens are detokenized as the tokenizer does"),
+    "length_penalty": (1.0, "it applies to beam search only"),
+    "repetition_detection": (None, "repetition detection is not implemented"),
+    "thinking_token_budget": (None, "thinking budgets are not implemented"),
+    "vllm_xargs": (None, "there are no sampling extensions"),
+    "kv_transfer_params": (None, "disaggregated serving is not implemented"),
+}
 
 
 class OpenAIError(Exception):
-    """A request the server refuses: becomes `{"error": {message, type, param, code}}`."""
+    """A request the server refuses: becomes `{"error": {message, type, param, code}}` (with
+    `headers` on the response, e.g. Retry-After)."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None):
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.param = message, status, param
+        self.headers = headers or {}
 
     def response(self) -> ErrorResponse:
         return error_body(self.message, self.status, self.param)
@@ -71,6 +105,12 @@ class OpenAIServing:
         self.max_model_len = self.llm_engine.max_model_len
         self.tokenizer = self.llm_engine.tokenizer
         self.tokenizer_lock = self.llm_engine.output_processor.tokenizer_lock
+        self.vocab_size = self.llm_engine.model_config.vocab_size
+        self.max_num_seqs = self.llm_engine.config.max_num_seqs
+        # NOTE: no text longer than this can fit in max_model_len tokens (each token covers at most
+        # its longest vocabulary entry's characters): longer prompts are refused untokenized.
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1) if self.tokenizer else 1
+        self.max_prompt_chars = self.max_model_len * max(longest, 1)
         self._token_texts: dict[int, str] = {}
 
     @property
@@ -82,12 +122,29 @@ class OpenAIServing:
             raise OpenAIError(f"The model `{model}` does not exist. This server serves "
                               f"{self.served_model_names}.", HTTPStatus.NOT_FOUND, "model")
 
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, texts: list[str], *, add_special_tokens: bool = True,
+                     param: str = "prompt") -> list[list[int]]:
+        """Token ids of each text, tokenized on a worker thread (not the event loop); a text too
+        long to fit the context is refused before tokenization."""
         if self.tokenizer is None:
             raise OpenAIError("this model has no tokenizer, so text prompts cannot be encoded; "
-                              "send token ids instead", param="prompt")
+                              "send token ids instead", param=param)
+        for text in texts:
+            if len(text) > self.max_prompt_chars:
+                raise OpenAIError(
+                    f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                    f"your {param} has {len(text)} characters, more than {self.max_model_len} "
+                    f"tokens can hold (at most {self.max_prompt_chars}). Please reduce the length "
+                    f"of the {param}.", param=param)
+        try:
+            return await asyncio.to_thread(self._encode_batch, texts, add_special_tokens)
+        except (TypeError, ValueError, UnicodeError) as exc:     # e.g. text that is not Unicode
+            raise OpenAIError(f"the {param} could not be tokenized: {exc}", param=param) from exc
+
+    def _encode_batch(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
         with self.tokenizer_lock:
-            return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+            return [list(ids) for ids in self.tokenizer(
+                texts, add_special_tokens=add_special_tokens).input_ids]
 
     def token_text(self, token_id: int) -> str:
         """One token's own text (for logprobs), as the tokenizer decodes it alone (cached)."""
@@ -101,7 +158,8 @@ class OpenAIServing:
             self._token_texts[token_id] = text
         return text
 
-    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str,
+                     max_tokens_param: str = "max_tokens") -> int:
         """max_tokens to use; a prompt that leaves no room, or a max_tokens past the context, is
         a 400 with vLLM's message."""
         if num_prompt_tokens >= self.max_model_len:
@@ -114,19 +172,41 @@ class OpenAIServing:
             return room
         if max_tokens > room:
             raise OpenAIError(
-                f"'max_tokens' is too large: {max_tokens}. This model's maximum context length is "
-                f"{self.max_model_len} tokens and your request has {num_prompt_tokens} input "
-                f"tokens ({max_tokens} > {self.max_model_len} - {num_prompt_tokens}).",
-                param="max_tokens")
+                f"'{max_tokens_param}' is too large: {max_tokens}. This model's maximum context "
+                f"length is {self.max_model_len} tokens and your request has {num_prompt_tokens} "
+                f"input tokens ({max_tokens} > {self.max_model_len} - {num_prompt_tokens}).",
+                param=max_tokens_param)
         return max_tokens
 
-    def sampling_params(self, request, *, max_tokens: int, logprobs: int | None,
-                        output_kind: RequestOutputKind = RequestOutputKind.DELTA) -> SamplingParams:
-        """SamplingParams from the request's fields (OpenAI's defaults where it says None);
-        a range error names the field."""
+    def check_request(self, request) -> None:
+        """What any completion or chat request must pass before its prompt is looked at: the
+        model, vLLM fields jpaged does not implement, response_format, stream_options."""
+        self.check_model(request.model)
+        for name, value in (request.model_extra or {}).items():
+            if name in UNSUPPORTED_FIELDS and value not in (None, UNSUPPORTED_FIELDS[name][0]):
+                raise OpenAIError(f"{name} is not supported by jpaged ({UNSUPPORTED_FIELDS[name][1]}"
+                                  f"); leave it out", param=name)
         if request.logit_bias:
-            raise OpenAIError("logit_bias is not supported by jpaged; leave it out",
+            raise OpenAIError(f"logit_bias is not supported by jpaged "
+                              f"({UNSUPPORTED_FIELDS['logit_bias'][1]}); leave it out",
                               param="logit_bias")
+        kind = request.response_format.type if request.response_format else "text"
+        if kind != "text":
+            raise OpenAIError(f"response_format of type {kind!r} needs structured outputs, which "
+                              f"jpaged does not have yet; use {{'type': 'text'}} or leave it out",
+                              param="response_format.type")
+        if request.stream_options is not None and not request.stream:
+            raise OpenAIError("Stream options can only be defined when `stream=True`.",
+                              param="stream_options")
+        if request.prompt_logprobs is not None and request.stream:
+            raise OpenAIError("`prompt_logprobs` are not available when `stream=True`.",
+                              param="prompt_logprobs")
+
+    def sampling_params(self, request, *, max_tokens: int, logprobs: int | None,
+                        prompt_logprobs: int | None = None,
+                        output_kind: RequestOutputKind = RequestOutputKind.DELTA) -> SamplingParams:
+        """SamplingParams from the request's fields (OpenAI's defaults where it says None); a
+        range error names the field. `n` may exceed max_num_seqs (see `split_samples`)."""
         fields = dict(n=request.n, temperature=request.temperature, top_p=request.top_p,
                       top_k=request.top_k, min_p=request.min_p,
                       presence_penalty=request.presence_penalty,
@@ -135,27 +215,74 @@ class OpenAIServing:
                       stop=request.stop, stop_token_ids=request.stop_token_ids,
                       min_tokens=request.min_tokens, ignore_eos=request.ignore_eos,
                       include_stop_str_in_output=request.include_stop_str_in_output,
-                      skip_special_tokens=request.skip_special_tokens)
+                      skip_special_tokens=request.skip_special_tokens,
+                      prompt_logprobs=prompt_logprobs)
         fields = {k: v for k, v in fields.items() if v is not None}
-        if request.n > self.llm_engine.config.max_num_seqs:
-            raise OpenAIError(f"n must be at most max_num_seqs ({self.llm_engine.config.max_num_seqs})"
-                              f" on this server, got {request.n}", param="n")
+        bad = [t for t in request.stop_token_ids or () if not 0 <= t < self.vocab_size]
+        if bad:
+            raise OpenAIError(f"stop_token_ids has id {bad[0]}, outside the vocabulary (vocab size "
+                              f"{self.vocab_size}); give ids in [0, {self.vocab_size})",
+                              param="stop_token_ids")
         return make_sampling_params(max_tokens=max_tokens, logprobs=logprobs,
                                     output_kind=output_kind, **fields)
 
+    def split_samples(self, params: SamplingParams) -> list[tuple[int, SamplingParams]]:
+        """(first sample index, params) of the engine requests that make `params.n` samples: one,
+        or with n above max_num_seqs (whose samples all run together) several of at most
+        max_num_seqs each, which queue like any request.
+        NOTE: with a seed, part k gets the seed that sample `first` would have had in one request
+        (core/request.py: sample i draws with seed + i * 0x9E3779B9), so the samples do not depend
+        on how n was split."""
+        if params.n <= self.max_num_seqs:
+            return [(0, params)]
+        parts = []
+        for first in range(0, params.n, self.max_num_seqs):
+            seed = None if params.seed is None else (params.seed + first * 0x9E3779B9) % 2**32
+            parts.append((first, dataclasses.replace(
+                params, n=min(self.max_num_seqs, params.n - first), seed=seed)))
+        return parts
+
 
 def make_sampling_params(**fields) -> SamplingParams:
-    """SamplingParams(**fields), its ValueError (or an unknown field) as a 400 naming the field."""
+    """SamplingParams(**fields) within vLLM's server bounds (finite numbers, temperature in
+    [0, 2], n at most 16384, n = 1 when greedy), every error a 400 naming the field."""
     unknown = sorted(set(fields) - set(SamplingParams.__dataclass_fields__))
     if unknown:
         raise OpenAIError(f"unknown sampling parameter(s) {unknown}; the fields are "
                           f"{sorted(SamplingParams.__dataclass_fields__)}", param=unknown[0])
+    for name, value in fields.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise OpenAIError(f"{name} must be a finite number, got {value}", param=name)
+    temperature, n = fields.get("temperature", 1.0), fields.get("n", 1)
+    if isinstance(temperature, (int, float)) and temperature > MAX_TEMPERATURE:
+        raise OpenAIError(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {temperature}.",
+                          param="temperature")
+    if isinstance(n, int) and n > MAX_N:
+        raise OpenAIError(f"n must be at most {MAX_N}, got {n}.", param="n")
     try:
-        return SamplingParams(**fields)
+        params = SamplingParams(**fields)
     except ValueError as exc:
+        raise as_openai_error(exc, None) from exc
+    if params.greedy and params.n > 1:
+        raise OpenAIError(f"n must be 1 when using greedy sampling, got {params.n}.", param="n")
+    return params
+
+
+def as_openai_error(exc: BaseException, param: str | None) -> BaseException:
+    """The engine's refusals as HTTP errors: ValueError 400 (naming the SamplingParams field
+    when it is one, else `param`), a full queue or a stopping server 503 with Retry-After, a dead
+    engine 500 (no retry helps: restart it)."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, ValueError):
         match = _SAMPLING_FIELD.match(str(exc))
-        raise OpenAIError(str(exc).removeprefix("SamplingParams: "),
-                          param=match.group(1) if match else None) from exc
+        return OpenAIError(str(exc).removeprefix("SamplingParams: "),
+                           param=match.group(1) if match else param)
+    if isinstance(exc, (QueueFullError, ShuttingDownError)):
+        return OpenAIError(str(exc), 503, headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(exc, EngineDeadError):
+        return OpenAIError(str(exc), 500)
+    return exc
 
 
 def top_logprobs_of(entry: dict[int, Logprob], k: int) -> list[tuple[int, float]]:

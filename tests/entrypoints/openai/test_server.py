@@ -304,7 +304,7 @@ BAD_REQUESTS = [
      "max_tokens"),
     ("/v1/completions", {"prompt": "Hi", "max_tokens": "ten"}, 400, "valid integer", "max_tokens"),
     ("/v1/completions", {"prompt": "Hi", "n": 0}, 400, "n must be an integer >= 1", "n"),
-    ("/v1/completions", {"prompt": "Hi", "n": 1000}, 400, "n must be at most max_num_seqs", "n"),
+    ("/v1/completions", {"prompt": "Hi", "n": 20000}, 400, "n must be at most 16384", "n"),
     ("/v1/completions", {"prompt": "Hi", "logprobs": 50}, 400, "logprobs must be between 0 and 20",
      "logprobs"),
     ("/v1/completions", {"prompt": "Hi", "presence_penalty": 3}, 400,
@@ -351,8 +351,9 @@ BAD_REQUESTS = [
 
 def test_bad_requests_get_openai_errors_and_leave_no_trace(server, client, offline):
     for path, body, status, fragment, param in BAD_REQUESTS:
-        kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-        r = httpx.post(f"{server.url}{path}", headers=server.headers, timeout=60, **kwargs)
+        kwargs = {"content": body, "headers": {**server.headers, "Content-Type": "application/json"}} \
+            if isinstance(body, bytes) else {"json": body, "headers": server.headers}
+        r = httpx.post(f"{server.url}{path}", timeout=60, **kwargs)
         assert r.status_code == status, (path, body, r.text)
         error = r.json()["error"]
         assert fragment in error["message"], (body, error)
