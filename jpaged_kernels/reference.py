@@ -10,6 +10,16 @@ Cache layout (DESIGN.md): one layer's pages are `[K, num_pages, S, H]`; the engi
 one `[L, K, num_pages, S, H]` array and passes `layer=` so no per-layer copy of the cache is made.
 Slot of token t of a sequence: `block_tables[t // S] * S + t % S`. Page 0 is the null page that padding
 entries point at; it is never read for a valid position because every read is masked by position.
+
+Per-layer attention options, the same in every implementation (the kernels and the dense oracle):
+  scale           softmax scale (default H ** -0.5)
+  sliding_window  a query at position p sees positions in (p - window, p]; None: all of [0, p].
+                  A Python int, or a traced int32 scalar (one scan over layers of different
+                  windows passes each layer's own; a global layer passes a window past any length)
+  soft_cap        scores -> soft_cap * tanh(scores / soft_cap), after scaling (Gemma 2)
+  sinks           [N] float32, one learned logit per query head that joins the softmax's
+                  denominator and carries no value (gpt-oss's attention sinks):
+                  out = sum_j e^(s_j - m) v_j / (sum_j e^(s_j - m) + e^(sink - m))
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ _ELEMENTWISE_ROWS = 8
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, layer=None,
-                    sliding_window=None, soft_cap=None, interpret=False):
+                    sliding_window=None, soft_cap=None, sinks=None, interpret=False):
     """Decode attention: one new token per sequence.
 
     q [B, N, H]; k_pages/v_pages [K, num_pages, S, H] (or [L, K, num_pages, S, H] with `layer`);
@@ -52,12 +62,13 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=No
     row_pos = jnp.broadcast_to((context_lens - 1)[:, None], (num_seqs, group))      # [B, G]
     row_valid = jnp.broadcast_to((context_lens > 0)[:, None], (num_seqs, group))    # [B, G]
     out = _attend(qw, k_pages, v_pages, layer, block_tables, row_pos, row_valid, scale=scale,
-                  sliding_window=sliding_window, soft_cap=soft_cap)                 # [B, K, G, H]
+                  sliding_window=sliding_window, soft_cap=soft_cap,
+                  sinks=_row_sinks(sinks, num_kv_heads, group, 1))                 # [B, K, G, H]
     return out.reshape(num_seqs, num_heads, head_dim).astype(q.dtype)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
-                           scale=None, layer=None, sliding_window=None, soft_cap=None,
+                           scale=None, layer=None, sliding_window=None, soft_cap=None, sinks=None,
                            interpret=False):
     """Attention for a ragged batch of prefill chunks and decode tokens.
 
@@ -87,7 +98,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     qw = qw.reshape(num_win, num_kv_heads, rows * group, head_dim)                  # [W, K, Q*G, H]
     out = _attend(qw, k_pages, v_pages, layer, block_tables[win.seq],
                   jnp.repeat(win.row_pos, group, axis=1), jnp.repeat(win.row_valid, group, axis=1),
-                  scale=scale, sliding_window=sliding_window, soft_cap=soft_cap)
+                  scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                  sinks=_row_sinks(sinks, num_kv_heads, group, rows))
     out = out.reshape(num_win, num_kv_heads, rows, group, head_dim).transpose(0, 2, 1, 3, 4)
     out = out.reshape(num_win * rows, num_heads, head_dim)                          # [W*Q, N, H]
     token = jnp.arange(num_tokens, dtype=jnp.int32)
@@ -132,13 +144,22 @@ def _window_size(num_tokens, num_seqs) -> int:
     return min(_MAX_WINDOW, 1 << (mean - 1).bit_length())
 
 
+def _row_sinks(sinks, num_kv_heads, group, rows_per_head):
+    """sinks [N] -> [K, R] float32 for rows r = token * G + g of KV head k (query head k*G + g)."""
+    if sinks is None:
+        return None
+    per_head = jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, group)
+    return jnp.tile(per_head, (1, rows_per_head))
+
+
 def _attend(qw, k_pages, v_pages, layer, tables, row_pos, row_valid, *, scale, sliding_window,
-            soft_cap):
+            soft_cap, sinks=None):
     """Each window w attends, row by row, to positions <= row_pos[w, r] of the pages in tables[w].
 
     qw [W, K, R, H] (R query rows per KV head); pages [L, K, num_pages, S, H]; tables [W, P];
-    row_pos, row_valid [W, R]. Returns [W, K, R, H] float32 (invalid rows: 0). Online softmax over
-    chunks of pages, so neither the gathered K/V nor the scores exceed _CHUNK_ELEMENTS.
+    row_pos, row_valid [W, R]; sinks [K, R] or None. Returns [W, K, R, H] float32 (invalid rows:
+    0). Online softmax over chunks of pages, so neither the gathered K/V nor the scores exceed
+    _CHUNK_ELEMENTS; a sink starts each row's running max and sum (m = sink, l = 1).
     """
     num_win, num_kv_heads, rows, head_dim = qw.shape
     page_size = k_pages.shape[3]
@@ -191,15 +212,18 @@ def _attend(qw, k_pages, v_pages, layer, tables, row_pos, row_valid, *, scale, s
         return (m_new, l, acc), None
 
     num_chunks = pages_per_seq // pages_per_chunk
+    shape = (num_win, num_kv_heads, rows)
     if num_chunks == 1:   # the common case: a plain masked softmax, no running max to carry
         s, v, mask = scores(0)
-        p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
-        l = p.sum(axis=-1)
+        m = s.max(axis=-1) if sinks is None else jnp.maximum(s.max(axis=-1), sinks)
+        p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+        l = p.sum(axis=-1) + (0.0 if sinks is None else jnp.exp(sinks - m))
         acc = pv(p, v)
     else:
-        init = (jnp.full((num_win, num_kv_heads, rows), _MASK_VALUE, jnp.float32),
-                jnp.zeros((num_win, num_kv_heads, rows), jnp.float32),
-                jnp.zeros((num_win, num_kv_heads, rows, head_dim), jnp.float32))
+        init = (jnp.full(shape, _MASK_VALUE, jnp.float32) if sinks is None
+                else jnp.broadcast_to(sinks, shape),
+                jnp.full(shape, 0.0 if sinks is None else 1.0, jnp.float32),
+                jnp.zeros((*shape, head_dim), jnp.float32))
         (_, l, acc), _ = jax.lax.scan(attend_chunk, init, jnp.arange(num_chunks))
     return acc / jnp.maximum(l, 1e-30)[..., None]
 

@@ -8,6 +8,10 @@ H head dim, P block-table width, S page size, L layers), plus the kernels' own t
 
 Every kernel takes the whole KV cache as one `[L, K, num_pages, S, H]` ref (one layer is passed as
 `[1, ...]`, a free reshape) and reads layer `layer_ref[0]`, so the engine never copies a layer out.
+The sliding window comes the same way, as `window_ref[0]` (it may differ per layer, traced), with
+the static flag `windowed` saying whether there is one; blocks wholly before the window are never
+loaded. Attention sinks ([N] float32, reference.py) start each row's online softmax at m = sink,
+l = 1 (the ragged kernel) or join the split merge (the decode kernel).
 
 NOTE (indexing rules that both the Triton lowering and interpret mode accept):
   * a ref is indexed once, by scalars and integer arrays only (interpret mode rejects arrays mixed
@@ -88,14 +92,38 @@ def load_kv_tile(pages_ref, layer, kv_head, page_ids, token_ok, head_dim):
     return tile.reshape(num_pages_per_block * page_size, padded_dim)
 
 
+def window_start(first_pos, window):
+    """The first position a query at `first_pos` sees under a sliding window (None: 0)."""
+    return 0 if window is None else jnp.maximum(first_pos - window + 1, 0)
+
+
+def window_input(sliding_window):
+    """(windowed, [1] int32 window array) for a kernel's window_ref; the array is a dummy 0
+    when there is no window."""
+    windowed = sliding_window is not None
+    return windowed, jnp.asarray(sliding_window if windowed else 0, jnp.int32).reshape(1)
+
+
+def sinks_input(sinks, num_heads):
+    """(has_sinks, [N] float32 sinks array; a dummy when there are none)."""
+    if sinks is None:
+        return False, jnp.zeros((num_heads,), jnp.float32)
+    if jnp.shape(sinks) != (num_heads,):
+        raise ValueError(f"sinks must be [N] = [{num_heads}] (one per query head); got "
+                         f"{jnp.shape(sinks)}")
+    return True, jnp.asarray(sinks, jnp.float32)
+
+
 def attend_pages(q, row_pos, row_ok, k_ref, v_ref, table_ref, seq, layer, kv_head, block_lo,
                  block_hi, kv_start, kv_end, *, pages_per_block, scale, soft_cap, sliding_window,
-                 head_dim):
+                 head_dim, init_m=None):
     """Online softmax of q rows over KV blocks [block_lo, block_hi) of sequence `seq`.
 
     q [R, Hp]; row_pos [R] (position of each query row); row_ok [R]; table_ref [B, P].
     KV positions outside [kv_start, kv_end) are not read. Row r attends to positions p with
-    p <= row_pos[r] (and p > row_pos[r] - sliding_window). Returns (acc [R, Hp], m [R], l [R]) f32.
+    p <= row_pos[r] (and p > row_pos[r] - sliding_window, a traced scalar or None).
+    `init_m` [R]: attention sinks (the running max starts there and the sum at 1).
+    Returns (acc [R, Hp], m [R], l [R]) f32.
     """
     num_rows, padded_dim = q.shape
     num_table_pages = table_ref.shape[1]
@@ -131,8 +159,8 @@ def attend_pages(q, row_pos, row_ok, k_ref, v_ref, table_ref, seq, layer, kv_hea
         return acc, m_new, l
 
     init = (jnp.zeros((num_rows, padded_dim), jnp.float32),
-            jnp.full((num_rows,), MASK_VALUE, jnp.float32),
-            jnp.zeros((num_rows,), jnp.float32))
+            jnp.full((num_rows,), MASK_VALUE, jnp.float32) if init_m is None else init_m,
+            jnp.full((num_rows,), 0.0 if init_m is None else 1.0, jnp.float32))
     return lax.fori_loop(block_lo, block_hi, body, init)
 
 

@@ -24,6 +24,7 @@ from jpaged_kernels import triton_common as tc
 
 def paged_attention_kernel(
     layer_ref,    # [1] int32
+    window_ref,   # [1] int32 (read when windowed)
     q_ref,        # [B, N, H]
     k_ref,        # [L, K, num_pages, S, H]
     v_ref,        # [L, K, num_pages, S, H]
@@ -32,7 +33,7 @@ def paged_attention_kernel(
     acc_ref,      # [R, Hp] f32 block of [B, K, num_splits, R, Hp]
     m_ref,        # [R] f32 block of [B, K, num_splits, R]
     l_ref,        # [R] f32 block of [B, K, num_splits, R]
-    *, group, head_dim, blocks_per_split, pages_per_block, scale, soft_cap, sliding_window,
+    *, group, head_dim, blocks_per_split, pages_per_block, scale, soft_cap, windowed,
 ):
     seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_rows, padded_dim = acc_ref.shape
@@ -47,21 +48,22 @@ def paged_attention_kernel(
     q = tc.load(q_ref.at[seq, heads[:, None], tc.clamp_lane(lane, head_dim)[None, :]],
                 mask=q_mask, other=0)                                               # [R, Hp]
 
-    kv_start = 0 if sliding_window is None else jnp.maximum(length - sliding_window, 0)
+    window = window_ref[0] if windowed else None
+    kv_start = tc.window_start(length - 1, window)
     block_lo = jnp.maximum(split * blocks_per_split, kv_start // block_tokens)
     block_hi = jnp.minimum((split + 1) * blocks_per_split, pl.cdiv(length, block_tokens))
     row_pos = jnp.full((num_rows,), length - 1, jnp.int32)
     acc, m, l = tc.attend_pages(
         q, row_pos, row_ok, k_ref, v_ref, table_ref, seq, layer_ref[0], kv_head, block_lo,
         block_hi, kv_start, length, pages_per_block=pages_per_block, scale=scale,
-        soft_cap=soft_cap, sliding_window=sliding_window, head_dim=head_dim)
+        soft_cap=soft_cap, sliding_window=window, head_dim=head_dim)
     acc_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
 
 
-def _launch(q, k_pages, v_pages, layer, block_tables, context_lens, *, scale, soft_cap,
-            sliding_window, pages_per_block, num_splits, num_warps, num_stages, interpret):
+def _launch(q, k_pages, v_pages, layer, window, block_tables, context_lens, *, scale, soft_cap,
+            windowed, pages_per_block, num_splits, num_warps, num_stages, interpret):
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[1]
     group = num_heads // num_kv_heads
@@ -71,14 +73,13 @@ def _launch(q, k_pages, v_pages, layer, block_tables, context_lens, *, scale, so
 
     kernel = functools.partial(
         paged_attention_kernel, group=group, head_dim=head_dim, blocks_per_split=blocks_per_split,
-        pages_per_block=pages_per_block, scale=scale, soft_cap=soft_cap,
-        sliding_window=sliding_window)
+        pages_per_block=pages_per_block, scale=scale, soft_cap=soft_cap, windowed=windowed)
     whole = pl.BlockSpec()
     partial_shape = (num_seqs, num_kv_heads, num_splits, num_rows)
     return pl.pallas_call(
         kernel,
         grid=(num_seqs, num_kv_heads, num_splits),
-        in_specs=[whole] * 6,
+        in_specs=[whole] * 7,
         out_specs=[
             pl.BlockSpec((None, None, None, num_rows, padded_dim), lambda b, k, s: (b, k, s, 0, 0)),
             pl.BlockSpec((None, None, None, num_rows), lambda b, k, s: (b, k, s, 0)),
@@ -92,14 +93,22 @@ def _launch(q, k_pages, v_pages, layer, block_tables, context_lens, *, scale, so
         compiler_params=tc.compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"jpaged_paged_attention_R{num_rows}_H{padded_dim}_ppb{pages_per_block}",
-    )(layer, q, k_pages, v_pages, block_tables, context_lens)
+    )(layer, window, q, k_pages, v_pages, block_tables, context_lens)
 
 
-def combine_splits(acc, m, l, *, group, head_dim):
-    """Log-sum-exp merge: acc [B, K, splits, R, Hp], m/l [B, K, splits, R] -> [B, K * G, H] f32."""
+def combine_splits(acc, m, l, *, group, head_dim, sinks=None):
+    """Log-sum-exp merge: acc [B, K, splits, R, Hp], m/l [B, K, splits, R] -> [B, K * G, H] f32.
+    sinks [N] join the merge as one more term of the denominator (e^(sink - m), no value)."""
     m_max = m.max(axis=2, keepdims=True)
+    extra = 0.0
+    if sinks is not None:
+        num_kv_heads, num_rows = m.shape[1], m.shape[3]
+        rows = jnp.full((num_kv_heads, num_rows), tc.MASK_VALUE, jnp.float32)
+        rows = rows.at[:, :group].set(sinks.reshape(num_kv_heads, group))        # [K, R]
+        m_max = jnp.maximum(m_max, rows[None, :, None, :])
+        extra = jnp.exp(rows[None] - m_max[:, :, 0])                             # [B, K, R]
     weight = jnp.exp(m - m_max)                                     # empty splits weigh 0
-    total = (l * weight).sum(axis=2)
+    total = (l * weight).sum(axis=2) + extra
     out = (acc * weight[..., None]).sum(axis=2) / jnp.maximum(total, 1e-30)[..., None]
     num_seqs, num_kv_heads = out.shape[:2]
     return out[:, :, :group, :head_dim].reshape(num_seqs, num_kv_heads * group, head_dim)
@@ -111,17 +120,17 @@ def default_num_splits(num_seqs, num_kv_heads, num_blocks, target_programs=512):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "sliding_window", "soft_cap", "pages_per_block", "num_splits", "num_warps",
-    "num_stages", "interpret"))
+    "scale", "soft_cap", "pages_per_block", "num_splits", "num_warps", "num_stages", "interpret"))
 def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, layer=None,
-                    sliding_window=None, soft_cap=None, pages_per_block=None, num_splits=None,
-                    num_warps=4, num_stages=2, interpret=False):
+                    sliding_window=None, soft_cap=None, sinks=None, pages_per_block=None,
+                    num_splits=None, num_warps=4, num_stages=2, interpret=False):
     """Decode attention over a paged KV cache; same contract as `reference.paged_attention`.
 
     q [B, N, H]; k_pages/v_pages [K, num_pages, S, H], or [L, K, num_pages, S, H] with `layer`
     (a scalar, may be traced: the kernel reads that layer in place); block_tables [B, P] int32;
-    context_lens [B] int32 in 1..P*S. Returns [B, N, H] in q's dtype. `pages_per_block` (power of
-    two) and `num_splits` default to a heuristic; `interpret=True` runs on CPU.
+    context_lens [B] int32 in 1..P*S. `sliding_window` (int or traced scalar) and `sinks` [N] as
+    in reference.py. Returns [B, N, H] in q's dtype. `pages_per_block` (power of two) and
+    `num_splits` default to a heuristic; `interpret=True` runs on CPU.
     """
     tc.check_common(q, k_pages, v_pages, block_tables, context_lens, layer)
     if block_tables.shape[0] != q.shape[0]:
@@ -142,10 +151,13 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=No
     scale = head_dim ** -0.5 if scale is None else scale
 
     k_pages, v_pages, layer = tc.layered(k_pages, v_pages, layer)
+    windowed, window = tc.window_input(sliding_window)
+    has_sinks, sinks = tc.sinks_input(sinks, num_heads)
     acc, m, l = _launch(
-        q, k_pages, v_pages, layer, block_tables.astype(jnp.int32),
-        context_lens.astype(jnp.int32), scale=scale, soft_cap=soft_cap,
-        sliding_window=sliding_window, pages_per_block=pages_per_block, num_splits=num_splits,
-        num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-    out = combine_splits(acc, m, l, group=num_heads // num_kv_heads, head_dim=head_dim)
+        q, k_pages, v_pages, layer, window, block_tables.astype(jnp.int32),
+        context_lens.astype(jnp.int32), scale=scale, soft_cap=soft_cap, windowed=windowed,
+        pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
+        num_stages=num_stages, interpret=interpret)
+    out = combine_splits(acc, m, l, group=num_heads // num_kv_heads, head_dim=head_dim,
+                         sinks=sinks if has_sinks else None)
     return out.astype(q.dtype)

@@ -33,6 +33,8 @@ WORK_SEQ, WORK_FIRST, WORK_END = range(3)
 
 def ragged_paged_attention_kernel(
     layer_ref,    # [1] int32
+    window_ref,   # [1] int32 (read when windowed)
+    sinks_ref,    # [N] float32 (read when has_sinks)
     work_ref,     # [3, W] int32: sequence, first token, end token (exclusive) of each work item
     q_ref,        # [T, N, H]
     k_ref,        # [L, K, num_pages, S, H]
@@ -42,7 +44,7 @@ def ragged_paged_attention_kernel(
     qsl_ref,      # [B+1] int32
     _,            # [T, N, H] zeros, aliased to o_ref
     o_ref,        # [T, N, H]
-    *, group, head_dim, block_q, pages_per_block, scale, soft_cap, sliding_window,
+    *, group, head_dim, block_q, pages_per_block, scale, soft_cap, windowed, has_sinks,
 ):
     item, kv_head = pl.program_id(0), pl.program_id(1)
     num_tokens = q_ref.shape[0]
@@ -68,13 +70,15 @@ def ragged_paged_attention_kernel(
 
     row_pos = first_pos + row // group_rows
     kv_end = first_pos + (end - first)                              # one past the last position
-    kv_start = 0 if sliding_window is None else jnp.maximum(first_pos - sliding_window + 1, 0)
+    window = window_ref[0] if windowed else None
+    kv_start = tc.window_start(first_pos, window)
     block_lo = kv_start // block_tokens
     block_hi = jnp.where(end > first, pl.cdiv(kv_end, block_tokens), block_lo)
+    init_m = tc.load(sinks_ref.at[q_head], mask=row_ok, other=0) if has_sinks else None
     acc, _, l = tc.attend_pages(
         q, row_pos, row_ok, k_ref, v_ref, table_ref, seq, layer_ref[0], kv_head, block_lo,
         block_hi, kv_start, kv_end, pages_per_block=pages_per_block, scale=scale,
-        soft_cap=soft_cap, sliding_window=sliding_window, head_dim=head_dim)
+        soft_cap=soft_cap, sliding_window=window, head_dim=head_dim, init_m=init_m)
     out = acc / jnp.maximum(l, 1e-30)[:, None]
     tc.store(o_ref.at[token[:, None], head[:, None], lane[None, :]], out.astype(o_ref.dtype),
              mask=mask)
@@ -97,17 +101,19 @@ def work_items(query_start_loc, num_tokens, block_q):
     return jnp.stack([seq, first, end]).astype(jnp.int32)
 
 
-def _launch(q, k_pages, v_pages, layer, block_tables, context_lens, query_start_loc, *, scale,
-            soft_cap, sliding_window, block_q, pages_per_block, num_warps, num_stages, interpret):
+def _launch(q, k_pages, v_pages, layer, window, sinks, block_tables, context_lens,
+            query_start_loc, *, scale, soft_cap, windowed, has_sinks, block_q, pages_per_block,
+            num_warps, num_stages, interpret):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[1]
     work = work_items(query_start_loc, num_tokens, block_q)
     kernel = functools.partial(
         ragged_paged_attention_kernel, group=num_heads // num_kv_heads, head_dim=head_dim,
         block_q=block_q, pages_per_block=pages_per_block, scale=scale, soft_cap=soft_cap,
-        sliding_window=sliding_window)
+        windowed=windowed, has_sinks=has_sinks)
     whole = pl.BlockSpec()
-    inputs = dict(layer=layer, work=work, q=q, k_pages=k_pages, v_pages=v_pages,
+    inputs = dict(layer=layer, window=window, sinks=sinks, work=work, q=q, k_pages=k_pages,
+                  v_pages=v_pages,
                   block_tables=block_tables, context_lens=context_lens,
                   query_start_loc=query_start_loc, out_init=jnp.zeros_like(q))
     return pl.pallas_call(
@@ -134,10 +140,9 @@ def rows_per_token(group, block_q):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "sliding_window", "soft_cap", "block_q", "pages_per_block", "num_warps", "num_stages",
-    "interpret"))
+    "scale", "soft_cap", "block_q", "pages_per_block", "num_warps", "num_stages", "interpret"))
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
-                           scale=None, layer=None, sliding_window=None, soft_cap=None,
+                           scale=None, layer=None, sliding_window=None, soft_cap=None, sinks=None,
                            block_q=None, pages_per_block=None, num_warps=4, num_stages=2,
                            interpret=False):
     """Ragged prefill + decode attention; same contract as `reference.ragged_paged_attention`.
@@ -145,8 +150,9 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     q [T, N, H]; pages [K, num_pages, S, H], or [L, K, num_pages, S, H] with `layer` (read in
     place); block_tables [B, P]; context_lens [B] (KV length including the new tokens);
     query_start_loc [B+1] cumulative new-token counts. Tokens past query_start_loc[B] are padding
-    and produce 0. Returns [T, N, H] in q's dtype. `block_q` and `pages_per_block` (powers of two)
-    default to a heuristic.
+    and produce 0. `sliding_window` (int or traced scalar) and `sinks` [N] as in reference.py.
+    Returns [T, N, H] in q's dtype. `block_q` and `pages_per_block` (powers of two) default to a
+    heuristic.
     """
     tc.check_common(q, k_pages, v_pages, block_tables, context_lens, layer)
     if query_start_loc.shape != (block_tables.shape[0] + 1,):
@@ -166,9 +172,11 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     scale = head_dim ** -0.5 if scale is None else scale
 
     k_pages, v_pages, layer = tc.layered(k_pages, v_pages, layer)
+    windowed, window = tc.window_input(sliding_window)
+    has_sinks, sinks = tc.sinks_input(sinks, num_heads)
     return _launch(
-        q, k_pages, v_pages, layer, block_tables.astype(jnp.int32),
+        q, k_pages, v_pages, layer, window, sinks, block_tables.astype(jnp.int32),
         context_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32), scale=scale,
-        soft_cap=soft_cap, sliding_window=sliding_window, block_q=block_q,
+        soft_cap=soft_cap, windowed=windowed, has_sinks=has_sinks, block_q=block_q,
         pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret)

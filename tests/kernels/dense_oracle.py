@@ -11,11 +11,13 @@ import numpy as np
 
 
 def dense_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc=None, *,
-                    scale=None, sliding_window=None, soft_cap=None, layer=None) -> np.ndarray:
+                    scale=None, sliding_window=None, soft_cap=None, sinks=None,
+                    layer=None) -> np.ndarray:
     """q [T, N, H]; pages [K, num_pages, S, H] (or [L, ...] with `layer`); block_tables [B, P];
     context_lens [B]; query_start_loc [B+1] (None: one query token per sequence, decode). Query j
     of sequence i sits at position context_lens[i] - q_len_i + j and sees positions p with
-    p <= its own and p > its own - sliding_window. Rows of no sequence (padding) give 0.
+    p <= its own and p > its own - sliding_window. sinks [N]: one extra logit per query head in
+    the softmax's denominator, with no value. Rows of no sequence (padding) give 0.
     Returns [T, N, H] float64."""
     q = np.asarray(q, np.float64)
     k_pages, v_pages = np.asarray(k_pages, np.float64), np.asarray(v_pages, np.float64)
@@ -45,6 +47,8 @@ def dense_attention(q, k_pages, v_pages, block_tables, context_lens, query_start
                 if soft_cap is not None:
                     scores = soft_cap * np.tanh(scores / soft_cap)
                 scores = np.where(visible, scores, -np.inf)
-                weights = np.exp(scores - scores.max())
-                out[token, h] = weights / weights.sum() @ values[h // group]
+                sink = -np.inf if sinks is None else float(sinks[h])
+                top = max(scores.max(), sink)
+                weights = np.exp(scores - top)
+                out[token, h] = weights / (weights.sum() + np.exp(sink - top)) @ values[h // group]
     return out

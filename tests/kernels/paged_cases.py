@@ -55,6 +55,11 @@ def random_cache(rng, live, num_kv_heads, head_dim, dtype, num_layers=None, laye
     return out
 
 
+def random_sinks(rng, num_heads):
+    """[N] float32 attention sinks on the scale of the scores (some dominate, some vanish)."""
+    return jnp.asarray(2.0 * rng.standard_normal(num_heads), jnp.float32)
+
+
 def random_q(rng, num_tokens, num_heads, head_dim, dtype):
     return jnp.asarray(rng.standard_normal((num_tokens, num_heads, head_dim)), dtype)
 

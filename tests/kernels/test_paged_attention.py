@@ -10,8 +10,8 @@ from hypothesis import given, settings, strategies as st
 from jpaged_kernels import paged_attention, reference
 from jpaged_kernels.triton_common import default_pages_per_block
 from dense_oracle import dense_attention
-from paged_cases import (MODES, assert_close, masked_loads, random_cache, random_q, random_tables,
-                         triton_kernel_ir, tt_dots)
+from paged_cases import (MODES, assert_close, masked_loads, random_cache, random_q,
+                         random_sinks, random_tables, triton_kernel_ir, tt_dots)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
@@ -37,14 +37,17 @@ def context_lens_for(page_size, pages_per_seq):
 
 
 def run_case(rng, batch, heads, kv_heads, head_dim, page_size, pages_per_seq, dtype, lens,
-             interpret, padding="arbitrary", **kwargs):
+             interpret, padding="arbitrary", sinks=False, **kwargs):
     num_pages = batch * pages_per_seq + 3
     tables, live = random_tables(rng, lens, page_size, pages_per_seq, num_pages, padding)
     k, v = random_cache(rng, live, kv_heads, head_dim, dtype)
     q = random_q(rng, batch, heads, head_dim, dtype)
     lens = jnp.asarray(lens, jnp.int32)
+    if sinks:
+        kwargs["sinks"] = random_sinks(rng, heads)
     out = paged_attention(q, k, v, tables, lens, interpret=interpret, **kwargs)
-    ref_kwargs = {a: b for a, b in kwargs.items() if a in ("scale", "sliding_window", "soft_cap")}
+    ref_kwargs = {a: b for a, b in kwargs.items()
+                  if a in ("scale", "sliding_window", "soft_cap", "sinks")}
     ref = reference.paged_attention(q, k, v, tables, lens, **ref_kwargs)
     oracle = dense_attention(q, k, v, tables, lens, **ref_kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -65,12 +68,38 @@ def test_matches_reference(batch, heads, kv_heads, head_dim, page_size, pages_pe
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("soft_cap,sliding_window", [(5.0, None), (None, 1), (None, 7),
-                                                     (None, 20), (3.0, 12)])
-def test_soft_cap_and_sliding_window(soft_cap, sliding_window, interpret):
+@pytest.mark.parametrize("soft_cap,sliding_window,sinks", [
+    (5.0, None, False), (None, 1, False), (None, 7, False), (None, 20, False), (3.0, 12, False),
+    (None, None, True), (50.0, 7, True)])
+def test_soft_cap_sliding_window_and_sinks(soft_cap, sliding_window, sinks, interpret):
+    """Sinks with 2 splits: each split's partial sums merge with the sink once."""
     rng = np.random.default_rng(1)
     run_case(rng, 4, 8, 2, 64, 8, 5, jnp.float32, [1, 8, 19, 40], interpret, num_splits=2,
-             pages_per_block=2, soft_cap=soft_cap, sliding_window=sliding_window)
+             pages_per_block=2, soft_cap=soft_cap, sliding_window=sliding_window, sinks=sinks)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_traced_window_per_layer_compiles_once(interpret):
+    """One jit over layers of different windows (a global layer passes a window past any
+    length): the window is data, like the layer index."""
+    rng = np.random.default_rng(4)
+    lens = [3, 17, 40]
+    tables, live = random_tables(rng, lens, 8, 5, 18)
+    k, v = random_cache(rng, live, 2, 64, jnp.float32)
+    q = random_q(rng, 3, 8, 64, jnp.float32)
+    lens = jnp.asarray(lens, jnp.int32)
+    traces = []
+
+    @jax.jit
+    def attend(window):
+        traces.append(window)
+        return paged_attention(q, k, v, tables, lens, sliding_window=window, num_splits=2,
+                               pages_per_block=2, interpret=interpret)
+
+    for window in (4, 1 << 30):
+        assert_close(attend(jnp.int32(window)),
+                     dense_attention(q, k, v, tables, lens, sliding_window=window), jnp.float32)
+    assert len(traces) == 1
 
 
 @pytest.mark.parametrize("interpret", MODES)

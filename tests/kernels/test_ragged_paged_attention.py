@@ -13,8 +13,8 @@ from jpaged_kernels import paged_attention, ragged_paged_attention, reference
 from jpaged_kernels.triton_ragged_paged_attention import work_items
 from jpaged_kernels.triton_common import default_pages_per_block
 from dense_oracle import dense_attention
-from paged_cases import (MODES, assert_close, masked_loads, random_cache, random_q, random_tables,
-                         triton_kernel_ir, tt_dots)
+from paged_cases import (MODES, assert_close, masked_loads, random_cache, random_q,
+                         random_sinks, random_tables, triton_kernel_ir, tt_dots)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
 
@@ -41,7 +41,7 @@ def mixed_batch(page_size, pages_per_seq):
 
 
 def run_case(rng, seqs, heads, kv_heads, head_dim, page_size, pages_per_seq, dtype, interpret,
-             num_padding=3, layers=None, layer=None, padding="arbitrary", **kwargs):
+             num_padding=3, layers=None, layer=None, padding="arbitrary", sinks=False, **kwargs):
     q_lens, lens = zip(*seqs) if seqs else ((), ())
     query_start_loc = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
     num_tokens = int(sum(q_lens)) + num_padding
@@ -50,9 +50,12 @@ def run_case(rng, seqs, heads, kv_heads, head_dim, page_size, pages_per_seq, dty
     k, v = random_cache(rng, live, kv_heads, head_dim, dtype, num_layers=layers, layer=layer)
     q = random_q(rng, num_tokens, heads, head_dim, dtype)
     lens = jnp.asarray(lens, jnp.int32)
+    if sinks:
+        kwargs["sinks"] = random_sinks(rng, heads)
     out = ragged_paged_attention(q, k, v, tables, lens, query_start_loc, layer=layer,
                                  interpret=interpret, **kwargs)
-    ref_kwargs = {a: b for a, b in kwargs.items() if a in ("scale", "sliding_window", "soft_cap")}
+    ref_kwargs = {a: b for a, b in kwargs.items()
+                  if a in ("scale", "sliding_window", "soft_cap", "sinks")}
     ref = reference.ragged_paged_attention(q, k, v, tables, lens, query_start_loc, layer=layer,
                                            **ref_kwargs)
     oracle = dense_attention(q, k, v, tables, lens, query_start_loc, layer=layer, **ref_kwargs)
@@ -74,12 +77,39 @@ def test_mixed_prefill_and_decode(heads, kv_heads, head_dim, page_size, pages_pe
 
 
 @pytest.mark.parametrize("interpret", MODES)
-@pytest.mark.parametrize("soft_cap,sliding_window", [(5.0, None), (None, 1), (None, 6),
-                                                     (3.0, 13)])
-def test_soft_cap_and_sliding_window(soft_cap, sliding_window, interpret):
+@pytest.mark.parametrize("soft_cap,sliding_window,sinks", [
+    (5.0, None, False), (None, 1, False), (None, 6, False), (3.0, 13, False), (None, None, True),
+    (50.0, 6, True)])
+def test_soft_cap_sliding_window_and_sinks(soft_cap, sliding_window, sinks, interpret):
     rng = np.random.default_rng(1)
     run_case(rng, mixed_batch(8, 4), 8, 2, 64, 8, 4, jnp.float32, interpret, block_q=4,
-             pages_per_block=2, soft_cap=soft_cap, sliding_window=sliding_window)
+             pages_per_block=2, soft_cap=soft_cap, sliding_window=sliding_window, sinks=sinks)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+def test_traced_window_per_layer_compiles_once(interpret):
+    """The [L, ...] cache with a different (traced) window per layer, one compilation."""
+    rng = np.random.default_rng(5)
+    seqs = mixed_batch(8, 4)
+    q_lens, lens = zip(*seqs)
+    qsl = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    tables, live = random_tables(rng, lens, 8, 4, len(seqs) * 4 + 3)
+    k, v = random_cache(rng, live, 2, 64, jnp.float32, num_layers=2, layer=1)
+    q = random_q(rng, int(sum(q_lens)), 8, 64, jnp.float32)
+    lens = jnp.asarray(lens, jnp.int32)
+    traces = []
+
+    @jax.jit
+    def attend(window):
+        traces.append(window)
+        return ragged_paged_attention(q, k, v, tables, lens, qsl, layer=jnp.int32(1),
+                                      sliding_window=window, block_q=4, pages_per_block=2,
+                                      interpret=interpret)
+
+    for window in (5, 1 << 30):
+        assert_close(attend(jnp.int32(window)), dense_attention(
+            q, k, v, tables, lens, qsl, layer=1, sliding_window=window), jnp.float32)
+    assert len(traces) == 1
 
 
 @pytest.mark.parametrize("interpret", MODES)

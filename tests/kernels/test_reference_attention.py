@@ -8,7 +8,7 @@ import pytest
 
 from dense_oracle import dense_attention
 from jpaged_kernels import reference
-from paged_cases import assert_close, random_cache, random_q, random_tables
+from paged_cases import assert_close, random_cache, random_q, random_sinks, random_tables
 from test_paged_attention import GRID as DECODE_GRID, context_lens_for
 from test_ragged_paged_attention import GRID as RAGGED_GRID, mixed_batch
 
@@ -72,13 +72,26 @@ def test_window_sizes_and_options(seqs, soft_cap, sliding_window):
                 layer=jnp.int32(1), soft_cap=soft_cap, sliding_window=sliding_window)
 
 
-@pytest.mark.parametrize("sliding_window", [None, 9])
-def test_chunked_online_softmax(monkeypatch, sliding_window):
+@pytest.mark.parametrize("seqs", [[(1, 1), (40, 40), (3, 19)], [(2, 2), (1, 5), (1, 30)]])
+@pytest.mark.parametrize("soft_cap,sliding_window", [(None, None), (30.0, 7)])
+def test_sinks(seqs, soft_cap, sliding_window):
+    """Attention sinks in the matrix-product and elementwise paths, ragged and decode."""
+    rng = np.random.default_rng(6)
+    sinks = random_sinks(rng, 8)
+    ragged_case(rng, seqs, 8, 2, 32, 8, 6, jnp.float32, soft_cap=soft_cap,
+                sliding_window=sliding_window, sinks=sinks)
+    decode_case(rng, 3, 8, 2, 32, 8, 6, jnp.float32, [n for _, n in seqs], sinks=sinks,
+                soft_cap=soft_cap, sliding_window=sliding_window)
+
+
+@pytest.mark.parametrize("sliding_window,sinks", [(None, False), (9, False), (9, True)])
+def test_chunked_online_softmax(monkeypatch, sliding_window, sinks):
     """Tables too large for one chunk attend page chunk by page chunk (online softmax)."""
     monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 4096)
     assert reference._pages_per_chunk(8 * 2 * 4 * 32, 12) < 12
     rng = np.random.default_rng(3)
+    extra = dict(sinks=random_sinks(rng, 8)) if sinks else {}
     ragged_case(rng, [(5, 90), (1, 3), (17, 17)], 8, 2, 32, 8, 12, jnp.float32,
-                sliding_window=sliding_window)
+                sliding_window=sliding_window, **extra)
     decode_case(rng, 4, 8, 2, 32, 8, 12, jnp.float32, [1, 8, 50, 96],
-                sliding_window=sliding_window)
+                sliding_window=sliding_window, **extra)
