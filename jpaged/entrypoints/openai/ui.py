@@ -15,6 +15,7 @@ Content-Security-Policy that allows only its own script and style and connection
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -37,7 +38,7 @@ _HEADERS = {
 
 
 def capabilities(served_model_names: list[str], max_model_len: int, *,
-                 lora_adapters: list[str] = (), structured_outputs: bool = False,
+                 lora_adapters: Sequence[str] = (), structured_outputs: bool = False,
                  tools: bool = False) -> dict:
     """What the page offers. The adapter choice appears when `lora_adapters` is not empty (the
     request's `model` is then the adapter's name, vLLM's convention), the JSON-schema box when

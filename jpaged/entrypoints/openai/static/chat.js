@@ -215,6 +215,19 @@ function buildRequest() {
   return body;
 }
 
+/** "stop · 42 tokens · first token 0.21 s · 31.5 tokens/s" (the rate after the first token). */
+function summary(finish, usage, start, firstAt) {
+  const parts = [finish || "done"];
+  const tokens = usage ? usage.completion_tokens : null;
+  if (tokens !== null) parts.push(`${tokens} tokens`);
+  if (firstAt !== null) {
+    parts.push(`first token ${((firstAt - start) / 1000).toFixed(2)} s`);
+    const seconds = (performance.now() - firstAt) / 1000;
+    if (tokens > 1 && seconds > 0) parts.push(`${((tokens - 1) / seconds).toFixed(1)} tokens/s`);
+  }
+  return parts.join(" · ");
+}
+
 function setBusy(busy) {
   $("send").disabled = busy;
   $("stop").disabled = !busy;
@@ -238,7 +251,7 @@ async function send(text) {
   const controller = state.controller = new AbortController();
   setBusy(true);
   const start = performance.now();
-  let answer = "", usage = null, finish = null;
+  let answer = "", usage = null, finish = null, firstAt = null;
   try {
     const response = await api("/v1/chat/completions", {method: "POST",
       body: JSON.stringify(body), signal: controller.signal});
@@ -248,6 +261,7 @@ async function send(text) {
       if (event.usage) usage = event.usage;
       for (const choice of event.choices || []) {
         if (choice.delta && choice.delta.content) {
+          if (firstAt === null) firstAt = performance.now();
           answer += choice.delta.content;
           view.content.textContent = answer;
           view.root.scrollIntoView({block: "end"});
@@ -255,10 +269,7 @@ async function send(text) {
         if (choice.finish_reason) finish = choice.finish_reason;
       }
     }
-    const seconds = (performance.now() - start) / 1000;
-    const tokens = usage ? usage.completion_tokens : 0;
-    view.meta.textContent = `${finish || "done"} · ${tokens} tokens · ` +
-      `${(tokens / seconds).toFixed(1)} tokens/s`;
+    view.meta.textContent = summary(finish, usage, start, firstAt);
   } catch (err) {
     if (err.name === "AbortError") {
       view.meta.textContent = "stopped";
