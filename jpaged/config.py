@@ -290,17 +290,18 @@ def _moe_fields(hf: dict[str, Any], family: str) -> dict:
     """Mixtral: every layer MoE, top-k renormalised, experts as wide as intermediate_size.
     Qwen3-MoE: layer i is MoE unless in mlp_only_layers or (i + 1) % decoder_sparse_step != 0;
     its experts are moe_intermediate_size wide, its dense MLPs intermediate_size."""
+    num_experts = hf.get("num_experts") or hf.get("num_local_experts")   # transformers 5: the latter
     if family == "mixtral":
-        return dict(num_experts=hf["num_local_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+        return dict(num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
                     moe_intermediate_size=hf["intermediate_size"], norm_topk_prob=True)
-    if family != "qwen3_moe" or not hf.get("num_experts"):
+    if family != "qwen3_moe" or not num_experts:
         return {}
     step, dense = hf.get("decoder_sparse_step") or 1, set(hf.get("mlp_only_layers") or ())
     num_layers = hf["num_hidden_layers"]
     layers = tuple(i for i in range(num_layers) if i not in dense and (i + 1) % step == 0)
     if not layers:
         return {}
-    return dict(num_experts=hf["num_experts"], num_experts_per_tok=hf["num_experts_per_tok"],
+    return dict(num_experts=num_experts, num_experts_per_tok=hf["num_experts_per_tok"],
                 moe_intermediate_size=hf["moe_intermediate_size"],
                 norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
                 moe_layers=None if len(layers) == num_layers else layers)

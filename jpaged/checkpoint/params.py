@@ -15,8 +15,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jpaged.checkpoint.sources import GGUFSource, HFSource
-from jpaged.checkpoint.weight_map import (HF_IGNORED_SUFFIXES, HF_TO_JPAGED, Rule, expected_shape,
-                                   layer_names, match_pattern, shape_dims)
+from jpaged.checkpoint.weight_map import (HF_IGNORED_SUFFIXES, Rule, expected_shape, hf_rules,
+                                   layer_names, leaf_entries, shape_dims, table_pattern)
 from jpaged.config import SUPPORTED_DTYPES, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -70,10 +70,10 @@ def build_params(source: HFSource | GGUFSource, config: ModelConfig, dtype: str,
     """Stream `source`'s tensors through HF_TO_JPAGED into the params pytree (jax arrays in dtype,
     layers stacked). A fused leaf is filled part by part, every part checked present."""
     shapes = flatten(param_shapes(config))
-    rules = _rules_by_dst()
+    rules = _rules_by_dst(config)
     dims, available = shape_dims(config), set(source.tensor_names())
     _warn_unused(source, config, rules, shapes)
-    total = sum(len(layer_names(hf_name, config.num_layers))
+    total = sum(len(leaf_entries(hf_name, dst, config))
                 for dst in shapes for hf_name, _ in rules.get(dst, ()))
     params = {}
     with tqdm(total=total, desc=f"converting {source.path.name}", unit="tensor",
@@ -84,19 +84,20 @@ def build_params(source: HFSource | GGUFSource, config: ModelConfig, dtype: str,
                                  f"jpaged.checkpoint.weight_map.HF_TO_JPAGED")
             leaf = np.empty(shape.shape, jnp.dtype(dtype))
             for hf_name, rule in rules[dst]:
-                for i, name in enumerate(layer_names(hf_name, config.num_layers)):
+                for index, name in leaf_entries(hf_name, dst, config):
                     value = rule.transform(_read_checked(source, name, rule, dims, available), dims)
-                    (leaf[i] if "{}" in hf_name else leaf)[rule.index(dims)] = value
+                    leaf[index][rule.index(dims)] = value          # leaf[index]: a view
                     bar.update()
             params[dst] = jnp.asarray(leaf)
             del leaf
     return unflatten(params)
 
 
-def _rules_by_dst() -> dict[str, list[tuple[str, Rule]]]:
-    """params path -> the (HF name pattern, rule) pairs that fill it (several for a fused leaf)."""
+def _rules_by_dst(config: ModelConfig) -> dict[str, list[tuple[str, Rule]]]:
+    """params path -> the (HF name pattern, rule) pairs that fill it (several for a fused leaf),
+    from the table of config's family (weight_map.hf_rules)."""
     out: dict[str, list[tuple[str, Rule]]] = {}
-    for hf_name, rule in HF_TO_JPAGED.items():
+    for hf_name, rule in hf_rules(config).items():
         out.setdefault(rule.dst, []).append((hf_name, rule))
     return out
 
@@ -115,12 +116,13 @@ def _read_checked(source, name: str, rule: Rule, dims: dict[str, int], available
 
 def _warn_unused(source, config: ModelConfig, rules: dict, shapes: dict) -> None:
     used = {hf_name for dst in shapes for hf_name, _ in rules.get(dst, ())}
+    known = {hf_name for pairs in rules.values() for hf_name, _ in pairs}
     unused = []
     for name in source.tensor_names():
-        match = match_pattern(name, HF_TO_JPAGED)
-        if match is None and not name.endswith(HF_IGNORED_SUFFIXES):
+        pattern = table_pattern(name)
+        if pattern not in known and not name.endswith(HF_IGNORED_SUFFIXES):
             unused.append(name)
-        elif match is not None and match[0] not in used and name != "lm_head.weight":
+        elif pattern in known and pattern not in used and name != "lm_head.weight":
             unused.append(name)   # e.g. a bias the config does not enable
     if unused:
         logger.warning("%s: %d tensors are not used by jpaged's %s model: %s", source.path, len(unused),

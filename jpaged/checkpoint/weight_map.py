@@ -1,10 +1,14 @@
 """Declarative weight tables: HF tensor names -> jpaged params, and GGUF tensor names -> HF names.
 
-A new architecture is a table entry, not a script. `{}` in a name is the layer index; tensors with
-`{}` are stacked over layers on axis 0, and several HF tensors may fill one fused leaf (q, k, v into
-`wqkv`; the layout is jpaged/models/weights.py's). Every rule names
-the HF shape it expects in the shape legend (V vocab, D model dim, F MLP dim, N query heads, K KV
-heads, H head dim; "NH" is N * H), so a wrong tensor fails with its name and both shapes.
+A new architecture is a table entry, not a script: `HF_TO_JPAGED` is the Llama family's table and
+`FAMILY_RULES` what each other family changes in it (`hf_rules(config)`). `{}` in a name is the
+layer index; tensors with `{}` are stacked over layers on axis 0 (over the MoE or the dense layers
+only, for leaves of those: `leaf_entries`), a second `{}` is the expert index (axis 1), and several
+HF tensors may fill one fused leaf (q, k, v into `wqkv`; the layout is jpaged/models/weights.py's),
+or one HF tensor a whole fused leaf (Phi-3's `qkv_proj`). Every rule names the HF shape it expects
+in the shape legend (V vocab, D model dim, F MLP dim, N query heads, K KV heads, H head dim, E
+experts, Fe an expert's MLP dim; "NH" is N * H, "QKV" (N + 2K) * H, "2F" 2 * F), so a wrong tensor
+fails with its name and both shapes.
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ def q_heads(x, d):
 def kv_heads(x, d):
     """k_proj / v_proj weight [(K H), D] -> [D, K, H]."""
     return x.T.reshape(d["D"], d["K"], d["H"])
+
+
+def fused_qkv_heads(x, d):
+    """Phi-3's qkv_proj weight [(N + 2K) H, D] (the q rows, then k, then v) -> [D, K, G+2, H]."""
+    n, k, h = d["N"], d["K"], d["H"]
+    w = x.T.reshape(d["D"], n + 2 * k, h)
+    q = w[:, :n].reshape(d["D"], k, d["G"], h)
+    return np.concatenate([q, w[:, n:n + k, None], w[:, n + k:, None]], axis=2)
+
+
+def fused_gate_up(x, d):
+    """Phi-3's gate_up_proj weight [2F, D] (the gate rows, then up) -> [D, 2, F]."""
+    return x.T.reshape(d["D"], 2, d["F"])
 
 
 def q_bias_heads(x, d):
@@ -87,6 +104,78 @@ HF_TO_JPAGED: dict[str, Rule] = {
     "model.layers.{}.mlp.up_proj.weight": Rule("layers/mlp/w_gate_up", ("F", "D"), transpose, "up"),
     "model.layers.{}.mlp.down_proj.weight": Rule("layers/mlp/w_down", ("D", "F"), transpose),
 }
+
+_LAYER = "model.layers.{}."
+# What each family changes in HF_TO_JPAGED: its rules replace the table's rules for the same HF
+# names and for the same jpaged leaves.
+FAMILY_RULES: dict[str, dict[str, Rule]] = {
+    "qwen3": {
+        _ATTN + "q_norm.weight": Rule("layers/attn/q_norm", ("H",)),
+        _ATTN + "k_norm.weight": Rule("layers/attn/k_norm", ("H",)),
+    },
+    "gemma2": {   # the pre-MLP norm has its own name; post_attention_layernorm is a post norm
+        _LAYER + "post_attention_layernorm.weight": Rule("layers/post_attn_norm/scale", ("D",)),
+        _LAYER + "pre_feedforward_layernorm.weight": Rule("layers/mlp_norm/scale", ("D",)),
+        _LAYER + "post_feedforward_layernorm.weight": Rule("layers/post_mlp_norm/scale", ("D",)),
+    },
+    "phi3": {
+        _ATTN + "qkv_proj.weight": Rule("layers/attn/wqkv", ("QKV", "D"), fused_qkv_heads),
+        _LAYER + "mlp.gate_up_proj.weight": Rule("layers/mlp/w_gate_up", ("2F", "D"),
+                                                 fused_gate_up),
+    },
+    "mixtral": {
+        _LAYER + "block_sparse_moe.gate.weight": Rule("layers/moe/router", ("E", "D"), transpose),
+        _LAYER + "block_sparse_moe.experts.{}.w1.weight": Rule("layers/moe/w_gate_up",
+                                                               ("Fe", "D"), transpose, "gate"),
+        _LAYER + "block_sparse_moe.experts.{}.w3.weight": Rule("layers/moe/w_gate_up",
+                                                               ("Fe", "D"), transpose, "up"),
+        _LAYER + "block_sparse_moe.experts.{}.w2.weight": Rule("layers/moe/w_down", ("D", "Fe"),
+                                                               transpose),
+    },
+}
+FAMILY_RULES["gemma3"] = {**FAMILY_RULES["gemma2"], **FAMILY_RULES["qwen3"]}
+FAMILY_RULES["qwen3_moe"] = {
+    **FAMILY_RULES["qwen3"],
+    _LAYER + "mlp.gate.weight": Rule("layers/moe/router", ("E", "D"), transpose),
+    _LAYER + "mlp.experts.{}.gate_proj.weight": Rule("layers/moe/w_gate_up", ("Fe", "D"),
+                                                     transpose, "gate"),
+    _LAYER + "mlp.experts.{}.up_proj.weight": Rule("layers/moe/w_gate_up", ("Fe", "D"),
+                                                   transpose, "up"),
+    _LAYER + "mlp.experts.{}.down_proj.weight": Rule("layers/moe/w_down", ("D", "Fe"), transpose),
+}
+
+
+def hf_rules(config: ModelConfig) -> dict[str, Rule]:
+    """The HF -> jpaged table of `config`'s family: HF_TO_JPAGED with the family's rules in place
+    of the table's for the same HF names or the same jpaged leaves."""
+    family = FAMILY_RULES.get(config.architecture, {})
+    replaced = {rule.dst for rule in family.values()}
+    rules = {name: rule for name, rule in HF_TO_JPAGED.items() if rule.dst not in replaced}
+    return {**rules, **family}
+
+
+def leaf_layers(dst: str, config: ModelConfig) -> tuple[int, ...]:
+    """The layers a `layers/...` leaf stacks over, in order: the MoE layers for `layers/moe/*`,
+    the dense ones for `layers/mlp/*`, every layer otherwise."""
+    if dst.startswith("layers/moe/"):
+        return config.moe_layer_ids()
+    if dst.startswith("layers/mlp/"):
+        return config.dense_layer_ids()
+    return tuple(range(config.num_layers))
+
+
+def leaf_entries(pattern: str, dst: str, config: ModelConfig) -> list[tuple[tuple, str]]:
+    """A table name -> (index into the jpaged leaf, concrete HF name) for each tensor it stands
+    for: () for a name without `{}`, (i,) for the i-th layer of the leaf's layers, (i, e) for
+    expert e of it when the name has a second `{}`."""
+    if "{}" not in pattern:
+        return [((), pattern)]
+    layers = leaf_layers(dst, config)
+    if pattern.count("{}") == 1:
+        return [((i,), pattern.format(layer)) for i, layer in enumerate(layers)]
+    return [((i, e), pattern.format(layer, e)) for i, layer in enumerate(layers)
+            for e in range(config.num_experts)]
+
 
 # HF tensors that carry nothing jpaged needs (old checkpoints saved RoPE buffers).
 HF_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -149,8 +238,10 @@ def shape_dims(config: ModelConfig) -> dict[str, int]:
     """Legend letter -> size, plus the fused head dims "NH" and "KH"."""
     dims = dict(V=config.vocab_size, D=config.hidden_size, F=config.intermediate_size,
                 N=config.num_heads, K=config.num_kv_heads, H=config.head_dim,
-                G=config.num_heads // config.num_kv_heads)
+                G=config.num_heads // config.num_kv_heads, E=config.num_experts,
+                Fe=config.moe_intermediate_size)
     dims["NH"], dims["KH"] = dims["N"] * dims["H"], dims["K"] * dims["H"]
+    dims["QKV"], dims["2F"] = (dims["N"] + 2 * dims["K"]) * dims["H"], 2 * dims["F"]
     return dims
 
 
@@ -163,6 +254,11 @@ def layer_names(pattern: str, num_layers: int) -> list[str]:
     if "{}" not in pattern:
         return [pattern]
     return [pattern.format(i) for i in range(num_layers)]
+
+
+def table_pattern(name: str) -> str:
+    """A concrete name with every all-digit part (layer, expert) as `{}`."""
+    return ".".join("{}" if part.isdigit() else part for part in name.split("."))
 
 
 def match_pattern(name: str, patterns) -> tuple[str, int | None] | None:

@@ -19,9 +19,10 @@ refused (`/health` then answers 503).
 NOTE: admission counts client requests, not engine requests. `add_requests` admits a client's
 whole batch (a completion with many prompts, n split into several engine requests) as ONE waiting
 request, or refuses all of it: past `max_waiting_requests` client requests waiting (admitted, not
-every engine request of theirs producing tokens yet) it raises `QueueFullError` (HTTP 503 with
-Retry-After) before touching the engine. So a request is never refused for its size, only because
-others wait, and a retry succeeds once they have started.
+every engine request of theirs producing tokens yet), plus as many as the batch has sequence
+slots not held by started requests (so a burst on an idle server fills the batch first), it raises `QueueFullError` (HTTP 503 with Retry-After) before touching the engine. So a
+request is never refused for its size, only because others wait, and a retry succeeds once they
+have started.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class _Stream:
     num_output_tokens: int = 0
     started: bool = False               # produced its first output (no longer waiting)
     group: _Group | None = None
+    num_seqs: int = 1                   # the batch slots it takes (n samples, or beams)
 
 
 @dataclass
@@ -170,7 +172,7 @@ class AsyncEngine:
                                   f"({self.dead!r}); restart the server")
         if self._stopping:
             raise ShuttingDownError("the server is shutting down")
-        if self._num_waiting >= self.max_waiting_requests:
+        if self._num_waiting >= self.max_waiting_requests + self._free_slots():
             raise QueueFullError(f"the server's waiting queue is full ({self._num_waiting} "
                                  f"requests waiting, max_waiting_requests="
                                  f"{self.max_waiting_requests}); retry later")
@@ -188,9 +190,16 @@ class AsyncEngine:
         self._wakeup.set()
         return streams
 
+    def _free_slots(self) -> int:
+        """Sequence slots of the batch that no started request in flight holds."""
+        with self._streams_lock:
+            running = sum(s.num_seqs for s in self._streams.values() if s.started)
+        return max(0, self.engine.config.max_num_seqs - running)
+
     def _add_one(self, request_id: str, prompt, params: SamplingParams, group: _Group) -> _Stream:
+        num_seqs = getattr(params, "n", None) or getattr(params, "beam_width", 1)
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic(),
-                         group=group)
+                         group=group, num_seqs=num_seqs)
         with self._streams_lock:
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")

@@ -12,6 +12,20 @@ jpaged_kernels/reference.py, G = N // K query heads per KV head):
   layers/attn/wo    [L, N*H, D]         layers/attn/bo [L, D] (o_bias)
   layers/mlp/w_gate_up [L, D, 2, F]     [..., 0, :] gate, [..., 1, :] up
   layers/mlp/w_down    [L, F, D]
+Optional leaves, by architecture (ModelConfig flags; sharding rules in jpaged/parallel.py):
+  layers/attn/q_norm, layers/attn/k_norm [L, H]       (qk_norm: Qwen3, Gemma 3) RMSNorm scales
+                                        applied to every q / k head before RoPE; replicated
+  layers/post_attn_norm/scale, layers/post_mlp_norm/scale [L, D]   (post_norms: Gemma 2/3) the
+                                        norms of the attention and MLP outputs; replicated
+  Mixture of experts (num_experts E > 0), stacked over the Lm MoE layers (config.moe_layer_ids;
+  usually all L), Fe = moe_intermediate_size:
+  layers/moe/router    [Lm, D, E]       router logits = x @ router; replicated
+  layers/moe/w_gate_up [Lm, E, D, 2, Fe]  each expert's fused gate and up, as w_gate_up
+  layers/moe/w_down    [Lm, E, Fe, D]   each expert's down projection
+                                        expert parallel: both split by E; tensor parallel: by Fe
+  and then layers/mlp/* stack over the Ld = L - Lm dense layers only (absent when Ld = 0).
+  A model reads a stack over a subset of layers through a LayerWeights whose `layer` is the
+  index within that subset (decoder.py).
 
 NOTE: why fused and grouped by KV head. q, k, v (and gate, up) share their input, so one matmul
 reads x once; and tensor parallelism splits wqkv along K (w_gate_up along F), so every device holds
@@ -100,11 +114,42 @@ def _unstack(leaf) -> tuple:
     return tuple(leaf[i] for i in range(num_layers))
 
 
+def _expert_product(rows, expert, experts, *, layer):
+    """rows @ experts[layer][expert], the expert's [In, *out] weight seen as [In, Out]."""
+    w = jax.lax.dynamic_index_in_dim(experts[layer], expert, keepdims=False)
+    return rows @ w.reshape(w.shape[0], -1)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerWeights:
     """One layer's view of the layer stack, whichever placement it has."""
     weights: dict      # {"attn": {...}, "mlp": {...}, "attn_norm": {...}, "mlp_norm": {...}}
     layer: jax.Array   # scalar int32
+
+    def expert_matmul(self, x, group_sizes, group: str, name: str, impl: str = "auto"):
+        """The grouped matmul of jpaged/models/moe.py: x [M, In] rows sorted by expert (the
+        first group_sizes[0] rows are expert 0's, ...), W[layer] [E, In, *out] -> [M, *out], each
+        row through its own expert only. Per layer, each block's product picks its layer's
+        buffer with a `lax.switch` whose branches are the product, reading it in place."""
+        from jpaged.models.moe import grouped_matmul
+        w = self.weights[group][name]
+        if isinstance(w, tuple):
+            branches = [functools.partial(_expert_product, layer=i) for i in range(len(w))]
+            shape = w[0].shape
+
+            def product(rows, expert):
+                return jax.lax.switch(self.layer, branches, rows, expert, w)
+        else:
+            shape = w.shape[1:]
+
+            def product(rows, expert):
+                return rows @ w[self.layer, expert].reshape(shape[1], -1)
+
+        def layer_weight():
+            weight = self.get(group, name)
+            return weight.reshape(*weight.shape[:2], -1)
+        return grouped_matmul(x, group_sizes, product, layer_weight, out_shape=shape[2:],
+                              impl=impl)
 
     def has(self, group: str, name: str) -> bool:
         return name in self.weights[group]

@@ -6,8 +6,8 @@
 The output equals `tokenizer.apply_chat_template(..., tokenize=False)` for the same inputs (the
 same sandbox, globals and filters, None-valued message keys dropped, the special tokens as
 variables, `continue_final_message` cut after the final message) but the rendering is bounded:
-  - it runs on one worker thread, never on the event loop, so a slow template cannot stall other
-    requests or `/health`; renders queue behind each other instead of multiplying threads;
+  - it runs on two worker threads, never on the event loop, so a slow template cannot stall
+    `/health` or the engine, nor every other chat request; further renders queue;
   - the output is produced piece by piece and stops with `TemplateLimitError` once it passes
     `max_chars` (the server passes the most text that could fit in max_model_len tokens), so a
     huge render is refused before anything is tokenized;
@@ -182,7 +182,7 @@ class ChatTemplateRenderer:
         self.max_chars = max_chars
         self.env = BoundedSandbox()
         self.special_tokens = dict(getattr(tokenizer, "special_tokens_map", None) or {})
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="jpaged-chat-template")
+        self._executor = ThreadPoolExecutor(2, thread_name_prefix="jpaged-chat-template")
 
     def default_template(self, with_tools: bool) -> str | None:
         """The tokenizer's template (of a dict of named ones: "tool_use" with tools, else
@@ -205,7 +205,7 @@ class ChatTemplateRenderer:
         return {k: v for k, v in kwargs.items() if k in variables or k in _APPLY_PARAMS}
 
     async def render(self, source: str, messages: list[dict], **kwargs) -> str:
-        """`render_sync` on the worker thread."""
+        """`render_sync` on a worker thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor,
                                           functools.partial(self.render_sync, source, messages,

@@ -117,4 +117,8 @@ def run_server(args: argparse.Namespace) -> int:
     server.before_cancel = async_engine.shutdown
     server.run()
     engine.stop_followers()           # multi-process: the other processes return too
+    # NOTE: the background compiler is a daemon thread; a process that exits while XLA compiles
+    # on it aborts in C++ ("terminate called ..."), so its queue is left to drain first.
+    if not engine.runner.wait_for_background_compiles(timeout=args.shutdown_timeout + 10):
+        logger.warning("exiting while a step bucket still compiles in the background")
     return 0
