@@ -21,14 +21,18 @@ _PUBLIC = {
     "load": "jpaged.generation",
     "generate": "jpaged.generation",
     "GenerateOutput": "jpaged.generation",
+    "quantize": "jpaged.models.weights",
 }
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
 
 
+_RENAMED = {"quantize": "quantize_params"}     # the public name -> the module's
+
+
 def __getattr__(name: str):
     if name in _PUBLIC:
-        return getattr(importlib.import_module(_PUBLIC[name]), name)
+        return getattr(importlib.import_module(_PUBLIC[name]), _RENAMED.get(name, name))
     raise AttributeError(f"module 'jpaged' has no attribute {name!r}")
 
 

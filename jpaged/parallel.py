@@ -14,9 +14,19 @@ Sharding rules (mesh axis "tp" of TP devices; leaves in the layout of jpaged/mod
   attn/wo [L, N*H, D]                      by rows (query heads): partial sums, all-reduced
   mlp/w_gate_up [L, D, 2, F]               by F;   mlp/w_down [L, F, D] by F (rows): all-reduced
   embed/embedding [V, D], lm_head [D, V]   by vocabulary (replicated when TP does not divide V)
-  norms, bo                                replicated
+  norms (also attn/q_norm, k_norm), bo     replicated
+  moe/router [Lm, D, E]                    replicated
+  moe/w_gate_up [Lm, E, D, 2, Fe], moe/w_down [Lm, E, Fe, D]
+                                           expert parallel (enable_expert_parallel): by E, each
+                                           device holds E/TP whole experts; else by Fe
   KV cache k, v [L, K, P, S, H]            by KV head: each device holds K/TP heads of every page
 Axes are counted from the end, so the rules hold for per-layer leaves too (weights.py).
+NOTE: experts. The MoE block runs per device under shard_map (`moe_fn`): every device routes every
+token (the router is replicated), runs the routed rows through the experts it holds (expert
+parallel: the rows of its own E/TP experts; else all rows through its Fe/TP slice of every
+expert), and one psum per MoE layer adds the partial outputs, the same all-reduce a dense MLP's
+down projection makes. A traced per-layer window, and attention sinks (by query head), enter the
+attention's shard_map as arguments.
 NOTE: KV head replication (vLLM's rule). When TP > K, each KV head is repeated R = TP/K times:
 in wqkv/bqkv, KV head k with its G query heads becomes R KV heads k*R .. k*R+R-1, each with G/R
 of those query heads and a copy of k's key and value columns. The model then runs with K' = TP
@@ -43,6 +53,8 @@ AXIS = "tp"
 # Sharded leaves: (group, name) -> the axis split over the mesh, counted from the end.
 _SHARDED_AXIS = {("attn", "wqkv"): -3, ("attn", "bqkv"): -3, ("attn", "wo"): -2,
                  ("mlp", "w_gate_up"): -1, ("mlp", "w_down"): -2}
+# Expert leaves: (group, name) -> (axis of E, axis of Fe), counted from the end.
+_EXPERT_AXES = {("moe", "w_gate_up"): (-4, -1), ("moe", "w_down"): (-3, -2)}
 _KV_LEAVES = ("wqkv", "bqkv")        # the leaves KV head replication rewrites
 
 try:                                   # JAX >= 0.7 has jax.shard_map (check_vma); older: experimental
@@ -72,6 +84,18 @@ def kv_replicas(num_heads: int, num_kv_heads: int, tensor_parallel_size: int) ->
     return tp // num_kv_heads
 
 
+def check_experts(config: ModelConfig, tensor_parallel_size: int, expert_parallel: bool) -> None:
+    """ValueError naming the sizes when the experts cannot be split evenly over the mesh."""
+    if not config.is_moe or tensor_parallel_size == 1:
+        return
+    count, what = ((config.num_experts, "experts (num_experts)") if expert_parallel else
+                   (config.moe_intermediate_size, "expert MLP width (moe_intermediate_size)"))
+    if count % tensor_parallel_size:
+        raise ValueError(f"tensor_parallel_size={tensor_parallel_size} does not divide the model's "
+                         f"{count} {what}; choose a divisor of {count}"
+                         + ("" if expert_parallel else " or set enable_expert_parallel=True"))
+
+
 def _divisors(count: int) -> list[int]:
     return [d for d in range(1, count + 1) if count % d == 0]
 
@@ -88,20 +112,44 @@ def make_mesh(tensor_parallel_size: int, devices=None) -> Mesh:
     return Mesh(np.array(devices[:tensor_parallel_size]), (AXIS,))
 
 
-def param_specs(params, config: ModelConfig, tensor_parallel_size: int):
-    """The PartitionSpec of every params leaf (a tree like `params`, or like param_shapes(config))."""
+def param_specs(params, config: ModelConfig, tensor_parallel_size: int,
+                expert_parallel: bool = False):
+    """The PartitionSpec of every params leaf (a tree like `params`, or like param_shapes(config));
+    `expert_parallel`: expert leaves split by expert instead of by Fe."""
     tp = tensor_parallel_size
 
     def spec(path, leaf) -> PartitionSpec:
         keys = _names(path)
-        axes = [None] * len(leaf.shape)
+        ndim = len(leaf.shape)
+        axes = [None] * ndim
         axis = _SHARDED_AXIS.get(tuple(keys[-2:]))
+        if tuple(keys[-2:]) in _EXPERT_AXES:
+            axis = _EXPERT_AXES[tuple(keys[-2:])][0 if expert_parallel else 1]
         if axis is not None and not (keys[-2] == "mlp" and config.intermediate_size % tp):
-            axes[axis] = AXIS
+            axes[_quantized_axis(path, keys, axis, ndim)] = AXIS
         elif keys[-1] in ("embedding", "lm_head") and config.vocab_size % tp == 0:
-            axes[0 if keys[-1] == "embedding" else -1] = AXIS
+            axes[_quantized_axis(path, keys, 0 if keys[-1] == "embedding" else -1, ndim)] = AXIS
         return PartitionSpec(*axes)
     return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def _is_quantized_field(path) -> bool:
+    """A path into a QuantizedWeight (jpaged_kernels/quantization.py): values, scales or mins."""
+    return bool(path) and isinstance(path[-1], jax.tree_util.GetAttrKey)
+
+
+def _quantized_axis(path, keys: list[str], axis: int, ndim: int) -> int:
+    """Where the float layout's `axis` sits in a QuantizedWeight field: the float layout with its
+    input axis moved last (jpaged/models/weights.py)."""
+    if not _is_quantized_field(path):
+        return axis
+    from jpaged.models.weights import INPUT_AXIS
+    key = ("lm_head",) if keys[-1] == "lm_head" else tuple(keys[-2:])
+    lead = 1 if keys[0] == "layers" else 0
+    position, source = axis % ndim, lead + INPUT_AXIS[key]
+    if position == source:
+        return ndim - 1
+    return position - 1 if position > source else position
 
 
 def _names(path) -> list[str]:
@@ -125,6 +173,8 @@ def replicate_kv_heads(params, replicas: int, num_heads: int, num_kv_heads: int)
         keys = _names(path)
         if len(keys) < 2 or keys[-2] != "attn" or keys[-1] not in _KV_LEAVES:
             return leaf
+        if _is_quantized_field(path):      # [..., K, G+2, H, in]: the same on the axes before
+            return jnp.moveaxis(split(path[:-1], jnp.moveaxis(leaf, -1, 0)), 0, -1)
         *lead, k, _, h = leaf.shape                            # [..., K, G+2, H]
         q = leaf[..., :group, :].reshape(*lead, k * replicas, group // replicas, h)
         kv = jnp.repeat(leaf[..., group:, :], replicas, axis=-3)  # [..., K*R, 2, H]
@@ -139,12 +189,14 @@ class TensorParallel:
     mesh: Mesh
     config: ModelConfig           # the checkpoint's
     replicas: int                 # R copies of each KV head
+    expert_parallel: bool = False  # experts split by expert (vLLM's enable_expert_parallel)
 
     @classmethod
     def create(cls, config: ModelConfig, tensor_parallel_size: int | None = None, *,
-               mesh: Mesh | None = None) -> "TensorParallel":
+               mesh: Mesh | None = None, expert_parallel: bool = False) -> "TensorParallel":
         """Over the first `tensor_parallel_size` devices, or over a given 1-D `mesh` (any axis
-        name: its devices are used in order)."""
+        name: its devices are used in order). `expert_parallel`: an MoE model's experts are
+        split whole over the devices (else each expert's MLP width is)."""
         if mesh is not None:
             if len(mesh.axis_names) != 1:
                 raise ValueError(f"mesh has axes {mesh.axis_names}; tensor parallelism needs a 1-D "
@@ -152,7 +204,8 @@ class TensorParallel:
             tensor_parallel_size = mesh.size
             mesh = Mesh(mesh.devices.reshape(-1), (AXIS,))
         replicas = kv_replicas(config.num_heads, config.num_kv_heads, tensor_parallel_size)
-        tp = cls(mesh or make_mesh(tensor_parallel_size), config, replicas)
+        check_experts(config, tensor_parallel_size, expert_parallel)
+        tp = cls(mesh or make_mesh(tensor_parallel_size), config, replicas, expert_parallel)
         for dim, size in (("vocab_size", config.vocab_size),
                           ("intermediate_size", config.intermediate_size)):
             if size % tensor_parallel_size:
@@ -179,13 +232,13 @@ class TensorParallel:
     def param_shardings(self, params):
         """NamedShardings for a params tree in the model's layout (KV heads already replicated)."""
         return jax.tree.map(lambda s: NamedSharding(self.mesh, s),
-                            param_specs(params, self.config, self.size))
+                            param_specs(params, self.config, self.size, self.expert_parallel))
 
     def checkpoint_shardings(self, shapes):
         """Where to load a checkpoint's params (K KV heads) so that each device reads only its
         shards: the model's shardings, except that KV leaves stay whole when they are to be
         replicated (shard_params then repeats and slices them on device)."""
-        specs = param_specs(shapes, self.config, self.size)
+        specs = param_specs(shapes, self.config, self.size, self.expert_parallel)
         if self.replicas > 1:
             specs = jax.tree_util.tree_map_with_path(
                 lambda path, spec: PartitionSpec() if _names(path)[-2:] in (["attn", "wqkv"],
@@ -220,17 +273,46 @@ class TensorParallel:
         mesh = self.mesh
 
         def call(q, k_pages, v_pages, *metadata, layer=None, **kwargs):
-            if layer is None:                                  # one layer's pages [K, ...]
-                def body(q, k_pages, v_pages, *metadata):
-                    return fn(q, k_pages, v_pages, *metadata, **kwargs)
-                specs, args = (PartitionSpec(None, AXIS), PartitionSpec(AXIS), PartitionSpec(AXIS)), (q, k_pages, v_pages)
-            else:                                              # [L, K, ...] read at `layer`
-                def body(q, k_pages, v_pages, layer, *metadata):
-                    return fn(q, k_pages, v_pages, *metadata, layer=layer, **kwargs)
-                specs = (PartitionSpec(None, AXIS), PartitionSpec(None, AXIS), PartitionSpec(None, AXIS), PartitionSpec())
-                args = (q, k_pages, v_pages, layer)
+            # Python options (scale, soft_cap, a constant window) stay static; arrays (the layer,
+            # a traced window, sinks [N] split by query head like q) go in as arguments.
+            if layer is not None:
+                kwargs["layer"] = layer
+            arrays = {k: v for k, v in kwargs.items() if isinstance(v, jax.Array)}
+            static = {k: v for k, v in kwargs.items() if k not in arrays}
+            names = list(arrays)
+            pages = PartitionSpec(AXIS) if layer is None else PartitionSpec(None, AXIS)
+            specs = (PartitionSpec(None, AXIS), pages, pages) + tuple(
+                PartitionSpec(AXIS) if k == "sinks" else PartitionSpec() for k in names)
+
+            def body(q, k_pages, v_pages, *rest):
+                options = dict(zip(names, rest[:len(names)]))
+                return fn(q, k_pages, v_pages, *rest[len(names):], **static, **options)
             return _shard_map(body, mesh=mesh, in_specs=specs + (PartitionSpec(),) * len(metadata),
-                              out_specs=PartitionSpec(None, AXIS))(*args, *metadata)
+                              out_specs=PartitionSpec(None, AXIS))(q, k_pages, v_pages,
+                                                                    *arrays.values(), *metadata)
+        return call
+
+    def moe_fn(self, impl: str = "auto"):
+        """The model's MoE block (decoder.moe_block) run per device under shard_map, its expert
+        leaves in their shards, the router and the tokens replicated; one psum of the partial
+        outputs (see the NOTE on experts)."""
+        from jpaged.models.decoder import moe_block
+        from jpaged.models.weights import LayerWeights
+        mesh, size, expert_parallel = self.mesh, self.size, self.expert_parallel
+
+        def call(w, x, config):
+            leaves = w.weights["moe"]
+            specs = param_specs({"layers": {"moe": leaves}}, config, size,
+                                expert_parallel)["layers"]["moe"]
+            local = config.num_experts // size if expert_parallel else None
+
+            def body(leaves, layer, x):
+                first = jax.lax.axis_index(AXIS) * local if expert_parallel else 0
+                y = moe_block(LayerWeights({"moe": leaves}, layer), x, config, impl=impl,
+                              num_local_experts=local, first_expert=first)
+                return jax.lax.psum(y, AXIS)
+            return _shard_map(body, mesh=mesh, in_specs=(specs, PartitionSpec(), PartitionSpec()),
+                              out_specs=PartitionSpec())(leaves, w.layer, x)
         return call
 
     def step_shardings(self, params):

@@ -19,7 +19,8 @@ from typing import Any
 import jax
 
 from jpaged.checkpoint.params import (PARAMS_FILE, build_params, load_params_file, param_shapes,
-                                      params_file_dtype, resolve_dtype)
+                                      params_file_dtype, params_file_quantization, resolve_dtype)
+from jpaged.checkpoint.quantized import QUANTIZATIONS
 from jpaged.checkpoint.sources import GGUFSource, HFSource, load_tokenizer, read_json
 from jpaged.config import ModelConfig
 
@@ -38,55 +39,98 @@ class LoadedCheckpoint:
     eos_token_ids: tuple[int, ...]    # config ∪ generation_config.json ∪ tokenizer.eos_token_id
     source: str                       # "jpaged" | "hf" | "gguf"
     path: Path
+    quantization: str | None = None   # how the matmul weights are stored (checkpoint/quantized.py)
 
 
 def load_checkpoint(path: str | Path, dtype: str | None = None, progress: bool = True,
-                    mesh: jax.sharding.Mesh | None = None) -> LoadedCheckpoint:
+                    mesh: jax.sharding.Mesh | None = None, quantization: str | None = None,
+                    group_size: int | None = None) -> LoadedCheckpoint:
     """Load PATH (a jpaged checkpoint dir, an HF model dir or a .gguf file) with params in `dtype`
     (default: the dtype the checkpoint was stored in; float32 for GGUF).
+
+    `quantization` (vLLM's name): "int8" | "w8a8" | "int4" | "fp8" quantize the matmul weights as
+    they are built (`group_size`: int4's, default 32), "gguf" keeps a GGUF's quantized tensors as
+    stored; a checkpoint converted with a quantization loads as it was stored.
 
     `mesh` (1-D): params land in their tensor-parallel shards (jpaged/parallel.py), still in the
     checkpoint's layout. A jpaged checkpoint is restored by Orbax straight into the shards (each
     device reads only its slices); HF and GGUF sources are built on one device, then resharded.
     """
     path = Path(path)
+    check_quantization(quantization, path)
     if path.is_dir() and (path / JPAGED_CONFIG).is_file():
-        return _load_jpaged(path, dtype, mesh)
+        return quantized_checkpoint(_load_jpaged(path, dtype, mesh), quantization, group_size)
     if path.is_dir() and (path / "config.json").is_file():
-        return _placed(_load_converted(HFSource(path), dtype, progress), mesh)
+        return _placed(_load_converted(HFSource(path), dtype, progress, quantization, group_size),
+                       mesh)
     if path.is_file() and path.suffix == ".gguf":
-        return _placed(_load_gguf(path, dtype, progress), mesh)
+        return _placed(_load_gguf(path, dtype, progress, quantization, group_size), mesh)
     raise FileNotFoundError(
         f"cannot load {path}: expected a converted jpaged checkpoint directory (params/ + "
         f"{JPAGED_CONFIG}), an HF model directory (config.json + *.safetensors), or a .gguf file")
 
 
-def _load_converted(source: HFSource | GGUFSource, dtype, progress: bool) -> LoadedCheckpoint:
+def check_quantization(quantization: str | None, path: Path | None = None) -> None:
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS} (or None)")
+    if quantization == "gguf" and path is not None and path.suffix != ".gguf":
+        raise ValueError(f"quantization='gguf' keeps a .gguf file's tensors as stored, but {path} "
+                         f"is not a .gguf file; use 'int8', 'w8a8', 'int4' or 'fp8'")
+
+
+def _load_converted(source: HFSource | GGUFSource, dtype, progress: bool,
+                    quantization: str | None = None, group_size: int | None = None
+                    ) -> LoadedCheckpoint:
     config = source.config
     dtype = resolve_dtype(dtype or source.default_dtype)
-    params = build_params(source, config, dtype, progress=progress)
+    params = build_params(source, config, dtype, progress=progress, quantization=quantization,
+                          group_size=group_size)
     tokenizer = source.load_tokenizer()
     return LoadedCheckpoint(config, params, dtype, tokenizer,
                             _eos_ids(config, source.generation_config, tokenizer), source.kind,
-                            source.path)
+                            source.path, quantization)
 
 
-def _load_gguf(path: Path, dtype, progress: bool) -> LoadedCheckpoint:
-    """From the model cache when it holds this file's conversion, else dequantize and store one."""
+def quantized_checkpoint(checkpoint: LoadedCheckpoint, quantization: str | None,
+               group_size: int | None) -> LoadedCheckpoint:
+    """A loaded float checkpoint quantized on request; a quantized one as it is (a different
+    request is an error naming both)."""
+    if quantization is None or quantization == checkpoint.quantization:
+        return checkpoint
+    if quantization == "gguf":
+        raise ValueError(f"quantization='gguf' keeps a .gguf file's tensors as stored; "
+                         f"{checkpoint.path} was not loaded from one that way")
+    if checkpoint.quantization is not None:
+        raise ValueError(f"{checkpoint.path} stores {checkpoint.quantization}-quantized weights; "
+                         f"load it with quantization=None (or {checkpoint.quantization!r}) instead "
+                         f"of {quantization!r}, or convert the source again")
+    from jpaged.models.weights import quantize_params
+    return dataclasses.replace(checkpoint, quantization=quantization,
+                               params=quantize_params(checkpoint.params, quantization, group_size))
+
+
+def _load_gguf(path: Path, dtype, progress: bool, quantization: str | None = None,
+               group_size: int | None = None) -> LoadedCheckpoint:
+    """From the model cache when it holds this file's conversion, else convert and store one.
+    quantization="gguf" reads the blocks as they are, which is faster than the cache."""
     from jpaged.checkpoint import model_cache
     from jpaged.checkpoint.convert import write_checkpoint
 
     dtype = resolve_dtype(dtype or GGUFSource.default_dtype)
-    entry = model_cache.cache_entry(path, dtype)
+    if quantization == "gguf":
+        return _load_converted(GGUFSource(path), dtype, progress, quantization)
+    tag = dtype if quantization is None else f"{dtype}-{quantization}{group_size or ''}"
+    entry = model_cache.cache_entry(path, tag)
     if entry is not None and model_cache.is_complete(entry):
         logger.info("model cache: loading the converted copy of %s from %s", path.name, entry)
         loaded = _load_jpaged(entry, dtype)
         return dataclasses.replace(loaded, source="gguf", path=path)
     source = GGUFSource(path)
-    loaded = _load_converted(source, dtype, progress)
+    loaded = _load_converted(source, dtype, progress, quantization, group_size)
     if entry is not None:
         model_cache.store_in_background(entry, lambda out: write_checkpoint(
-            source, loaded.params, out, loaded.tokenizer, params_file=True))
+            source, loaded.params, out, loaded.tokenizer, params_file=True,
+            quantization=quantization))
     return loaded
 
 
@@ -104,7 +148,8 @@ def _load_jpaged(path: Path, dtype, mesh=None) -> LoadedCheckpoint:
         config = ModelConfig.from_json(path / JPAGED_CONFIG)
         dtype = resolve_dtype(dtype or params_file_dtype(path / PARAMS_FILE))
         loaded = LoadedCheckpoint(config, load_params_file(path / PARAMS_FILE, dtype), dtype,
-                                  *_tokenizer_and_eos(path, config), "jpaged", path)
+                                  *_tokenizer_and_eos(path, config), "jpaged", path,
+                                  params_file_quantization(path / PARAMS_FILE))
         return _placed(loaded, mesh)
     import orbax.checkpoint as ocp
     params_dir = (path / "params").resolve()

@@ -6,6 +6,7 @@ buffer dropped, so at most one leaf is held twice. The mapping itself lives in w
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jpaged.checkpoint.quantized import matmul_key, quantize_leaf, stored_leaf
 from jpaged.checkpoint.sources import GGUFSource, HFSource
 from jpaged.checkpoint.weight_map import (HF_IGNORED_SUFFIXES, Rule, expected_shape, hf_rules,
                                    layer_names, leaf_entries, shape_dims, table_pattern)
 from jpaged.config import SUPPORTED_DTYPES, ModelConfig
+from jpaged_kernels.quantization import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +69,11 @@ def unflatten(flat: dict[str, object]) -> dict:
 
 
 def build_params(source: HFSource | GGUFSource, config: ModelConfig, dtype: str,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, quantization: str | None = None,
+                 group_size: int | None = None) -> dict:
     """Stream `source`'s tensors through HF_TO_JPAGED into the params pytree (jax arrays in dtype,
-    layers stacked). A fused leaf is filled part by part, every part checked present."""
+    layers stacked). A fused leaf is filled part by part, every part checked present.
+    `quantization`: the matmul weights quantized as they are built (checkpoint/quantized.py)."""
     shapes = flatten(param_shapes(config))
     rules = _rules_by_dst(config)
     dims, available = shape_dims(config), set(source.tensor_names())
@@ -82,13 +87,22 @@ def build_params(source: HFSource | GGUFSource, config: ModelConfig, dtype: str,
             if dst not in rules:
                 raise ValueError(f"jpaged param {dst} has no rule in "
                                  f"jpaged.checkpoint.weight_map.HF_TO_JPAGED")
+            quantized = matmul_key(dst) is not None and quantization is not None
+            if quantized and quantization == "gguf":
+                stored = stored_leaf(source, dst, rules[dst], shape.shape, config.num_layers, dims)
+                if stored is not None:
+                    params[dst] = stored
+                    bar.update(sum(len(layer_names(hf, config.num_layers))
+                                   for hf, _ in rules[dst]))
+                    continue
             leaf = np.empty(shape.shape, jnp.dtype(dtype))
             for hf_name, rule in rules[dst]:
                 for index, name in leaf_entries(hf_name, dst, config):
                     value = rule.transform(_read_checked(source, name, rule, dims, available), dims)
                     leaf[index][rule.index(dims)] = value          # leaf[index]: a view
                     bar.update()
-            params[dst] = jnp.asarray(leaf)
+            params[dst] = quantize_leaf(dst, leaf, quantization, group_size) \
+                if quantized and quantization != "gguf" else jnp.asarray(leaf)
             del leaf
     return unflatten(params)
 
@@ -144,28 +158,54 @@ def save_params(path: Path, params: dict) -> None:
 PARAMS_FILE = "params.safetensors"
 
 
-def save_params_file(path: Path, params: dict) -> None:
-    """The params pytree as one safetensors file of flat names ("layers/attn/wq"); bfloat16 leaves
-    are stored as their uint16 bits (NumPy has no bfloat16), named in the file's metadata."""
+def save_params_file(path: Path, params: dict, quantization: str | None = None) -> None:
+    """The params pytree as one safetensors file of flat names ("layers/attn/wqkv"); bfloat16 and
+    float8 arrays are stored as their raw bits (NumPy has neither type), named in the file's
+    metadata, and a QuantizedWeight as "<name>/values", "<name>/scales", "<name>/mins" with its
+    format in the metadata too."""
     from safetensors.numpy import save_file
-    flat = {name: np.asarray(leaf) for name, leaf in flatten(params).items()}
-    bf16 = sorted(name for name, x in flat.items() if x.dtype.name == "bfloat16")
-    tensors = {name: x.view(np.uint16) if name in bf16 else x for name, x in flat.items()}
-    save_file(tensors, str(path), metadata={"bfloat16": ",".join(bf16)})
+    tensors, raw, quantized = {}, {}, {}
+    for name, leaf in flatten(params).items():
+        fields = {name: leaf}
+        if isinstance(leaf, QuantizedWeight):
+            quantized[name] = dict(bits=leaf.bits, group_size=leaf.group_size,
+                                   activation_bits=leaf.activation_bits)
+            fields = {f"{name}/{field}": getattr(leaf, field)
+                      for field in ("values", "scales", "mins") if getattr(leaf, field) is not None}
+        for key, value in fields.items():
+            x = np.asarray(value)
+            if x.dtype.name in _RAW_BITS:
+                raw[key] = x.dtype.name
+                x = x.view(_RAW_BITS[x.dtype.name])
+            tensors[key] = x
+    save_file(tensors, str(path), metadata={"raw": json.dumps(raw),
+                                            "quantized": json.dumps(quantized),
+                                            "quantization": quantization or ""})
+
+
+_RAW_BITS = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8}
 
 
 def params_file_dtype(path: Path) -> str:
-    """The dtype save_params_file stored (that of the embedding)."""
+    """The float dtype save_params_file stored (that of the final norm)."""
     from safetensors import safe_open
     with safe_open(str(path), framework="numpy") as f:
-        if "embed/embedding" in (f.metadata() or {}).get("bfloat16", "").split(","):
+        if json.loads((f.metadata() or {}).get("raw", "{}")).get("norm/scale") == "bfloat16":
             return "bfloat16"
-        return f.get_slice("embed/embedding").get_dtype().lower().replace("f32", "float32").replace(
+        return f.get_slice("norm/scale").get_dtype().lower().replace("f32", "float32").replace(
             "f16", "float16")
 
 
+def params_file_quantization(path: Path) -> str | None:
+    """The quantization a params file's matmul weights were stored with (None: floats)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="numpy") as f:
+        return (f.metadata() or {}).get("quantization") or None
+
+
 def load_params_file(path: Path, dtype: str) -> dict:
-    """save_params_file's file back as a params pytree of jax arrays in `dtype`.
+    """save_params_file's file back as a params pytree of jax arrays, float leaves in `dtype`
+    (quantized ones as stored).
 
     NOTE: a plain read and one device_put per leaf: several times faster than an Orbax restore
     (no tensorstore, no thread pool), which is what makes a warm start from the model cache fast.
@@ -173,9 +213,17 @@ def load_params_file(path: Path, dtype: str) -> dict:
     import ml_dtypes
     from safetensors import safe_open
     with safe_open(str(path), framework="numpy") as f:
-        bf16 = set(filter(None, (f.metadata() or {}).get("bfloat16", "").split(",")))
+        metadata = f.metadata() or {}
+        raw = json.loads(metadata.get("raw", "{}"))
+        quantized = json.loads(metadata.get("quantized", "{}"))
         flat = {name: f.get_tensor(name) for name in f.keys()}
+    types = {"bfloat16": ml_dtypes.bfloat16, "float8_e4m3fn": ml_dtypes.float8_e4m3fn}
+    flat = {name: x.view(types[raw[name]]) if name in raw else x for name, x in flat.items()}
     target = jnp.dtype(dtype)
-    return unflatten({name: jax.device_put(
-        (x.view(ml_dtypes.bfloat16) if name in bf16 else x).astype(target, copy=False))
-        for name, x in flat.items()})
+    out = {}
+    for name, form in quantized.items():
+        fields = {field: flat.pop(f"{name}/{field}", None) for field in ("values", "scales", "mins")}
+        out[name] = QuantizedWeight(*(None if x is None else jax.device_put(x)
+                                      for x in fields.values()), **form)
+    out.update({name: jax.device_put(x.astype(target, copy=False)) for name, x in flat.items()})
+    return unflatten(out)

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from jpaged.checkpoint.gguf_blocks import SUPPORTED as GGUF_BLOCK_TYPES
+from jpaged.checkpoint.gguf_blocks import HostQuantized
+from jpaged.checkpoint.gguf_blocks import decode as decode_blocks
 from jpaged.checkpoint.weight_map import (GGUF_ARCHITECTURES, GGUF_TO_HF, match_pattern, shape_dims)
 from jpaged.config import SUPPORTED_DTYPES, ModelConfig
 
@@ -257,6 +260,24 @@ class GGUFSource:
     def read(self, name: str) -> np.ndarray:
         gguf_name = self._hf_to_gguf[name]
         values = self._dequantize(self._tensors[gguf_name])
+        return self._fix(gguf_name, values)
+
+    def read_quantized(self, name: str) -> HostQuantized | None:
+        """The tensor as stored (gguf_blocks.py), in the HF layout [out, in]; None when it is
+        stored as floats."""
+        gguf_name = self._hf_to_gguf[name]
+        tensor = self._tensors[gguf_name]
+        if tensor.tensor_type.name not in GGUF_BLOCK_TYPES:
+            return None
+        out_rows = self._hf_shape(tensor)[0]
+        quantized = decode_blocks(tensor.tensor_type.name, np.asarray(tensor.data), out_rows)
+        return quantized.map_rows(lambda x: self._fix(gguf_name, x))
+
+    def tensor_type(self, name: str) -> str:
+        return self._tensors[self._hf_to_gguf[name]].tensor_type.name
+
+    def _fix(self, gguf_name: str, values: np.ndarray) -> np.ndarray:
+        """Undo llama.cpp's layout changes (they act on output rows, so on block rows too)."""
         match = match_pattern(gguf_name, self.arch.fixes)
         if match is not None:
             values = self.arch.fixes[match[0]](values, self._dims)

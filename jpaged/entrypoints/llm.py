@@ -27,9 +27,14 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "auto",
+                 quantization: str | None = None, quantization_group_size: int | None = None,
                  coordinator_address: str | None = None, num_processes: int | None = None,
                  process_id: int | None = None, **engine_kwargs):
-        """coordinator_address ("HOST:PORT"), num_processes, process_id: run one SPMD engine over
+        """quantization (vLLM's name): None, "int8" (weights int8 per output channel), "w8a8"
+        (the same, with activations quantized per token: int8 x int8 dots), "int4" (group-wise,
+        affine; quantization_group_size, default 32), "fp8" (e4m3 per output channel), or "gguf"
+        (a .gguf file's quantized tensors as stored). See jpaged_kernels/quantization.py.
+        coordinator_address ("HOST:PORT"), num_processes, process_id: run one SPMD engine over
         several processes with jax.distributed (jpaged/distributed.py); process 0 takes the
         requests, the others call `llm.llm_engine.run_follower()`."""
         from jpaged.checkpoint.loader import default_model_path, load_checkpoint
@@ -41,14 +46,21 @@ class LLM:
             initialize(coordinator_address, num_processes, process_id)
         tp = engine_kwargs.get("tensor_parallel_size", 1)   # load straight into the shards
         checkpoint = load_checkpoint(model or default_model_path(), dtype=resolve_dtype(dtype),
-                                     mesh=make_mesh(tp) if tp > 1 else None)
+                                     mesh=make_mesh(tp) if tp > 1 else None,
+                                     quantization=quantization,
+                                     group_size=quantization_group_size)
         self.llm_engine = LLMEngine(checkpoint, EngineConfig(**engine_kwargs))
         self._ids = itertools.count()
 
     @classmethod
-    def from_checkpoint(cls, checkpoint, **engine_kwargs) -> "LLM":
-        """An LLM over an already loaded `LoadedCheckpoint` (e.g. `jpaged.models.random_weights`)."""
+    def from_checkpoint(cls, checkpoint, *, quantization: str | None = None,
+                        quantization_group_size: int | None = None, **engine_kwargs) -> "LLM":
+        """An LLM over an already loaded `LoadedCheckpoint` (e.g. `jpaged.models.random_weights`),
+        quantized on request (see __init__)."""
+        from jpaged.checkpoint.loader import check_quantization, quantized_checkpoint
         _check_engine_kwargs(engine_kwargs)
+        check_quantization(quantization)
+        checkpoint = quantized_checkpoint(checkpoint, quantization, quantization_group_size)
         llm = cls.__new__(cls)
         llm.llm_engine = LLMEngine(checkpoint, EngineConfig(**engine_kwargs))
         llm._ids = itertools.count()

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jpaged.config import SLIDING, ModelConfig
 from jpaged.models.kv_cache import AttentionFns, AttentionMetadata, KVCache, reference_attention
 from jpaged.models.moe import GROUPED_IMPLS, combine, dispatch, route
-from jpaged.models.weights import LayerWeights
+from jpaged.models.weights import LayerWeights, embedding_rows, project
 from jpaged.sampling_params import MAX_LOGPROBS
 from jpaged_kernels import write_kv
 
@@ -289,13 +289,13 @@ class CausalLM(nn.Module):
         follows it (-1: none wanted); a third result, TokenLogprobs, then holds their log-probs.
         """
         c = self.config
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
-                         name="embed")
-        # NOTE: the layer stack is one variable holding a dict of groups: at init it is drawn with
-        # the stacked shapes; at apply it is taken as given, stacked or per layer (a Flax param
-        # would insist on the stacked shapes).
+        # NOTE: the embedding table, the LM head and the layer stack are variables, not Flax
+        # params: at init they are drawn with their float shapes; at apply they are taken as
+        # given, quantized (QuantizedWeight) and the layer stack stacked or per layer.
+        embedding = self.variable("params", "embed", lambda: {"embedding": self._normal(
+            (c.vocab_size, c.hidden_size))}).value["embedding"]
         layers = self.variable("params", "layers", self._init_layers).value
-        x = embed(token_ids)                                                  # [T, D]
+        x = embedding_rows(embedding, token_ids, self.dtype)                  # [T, D]
         if c.embed_scale is not None:                                        # Gemma: sqrt(D)
             x = x * jnp.asarray(c.embed_scale, self.dtype)
         rope = rope_tables(c, positions, self.dtype)
@@ -313,11 +313,11 @@ class CausalLM(nn.Module):
         last = jnp.maximum(metadata.query_start_loc[1:] - 1, 0)              # [B]
         scale = self.param("norm", lambda key: {"scale": jnp.ones((c.hidden_size,), self.dtype)})
         if c.tie_word_embeddings:
-            head = embed.attend
+            head = lambda h: project(h, embedding, transposed=True)          # noqa: E731
         else:
-            lm_head = self.param("lm_head", nn.initializers.normal(0.02),
-                                 (c.hidden_size, c.vocab_size), self.dtype)
-            head = lambda h: h @ lm_head                                      # noqa: E731
+            lm_head = self.variable("params", "lm_head", lambda: self._normal(
+                (c.hidden_size, c.vocab_size))).value
+            head = lambda h: project(h, lm_head)                              # noqa: E731
         head = soft_capped(head, c.final_soft_cap)
         norm = lambda h: rms_norm(h, scale["scale"], c.rms_norm_eps, self.dtype,  # noqa: E731
                                   c.norm_offset)
@@ -325,6 +325,9 @@ class CausalLM(nn.Module):
         if logprob_targets is None:
             return logits, kv_cache
         return logits, kv_cache, token_logprobs(norm(x), logprob_targets, head)
+
+    def _normal(self, shape):
+        return nn.initializers.normal(0.02)(self.make_rng("params"), shape, self.dtype)
 
     def _init_layers(self) -> dict:
         key = self.make_rng("params")
