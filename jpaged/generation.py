@@ -54,7 +54,8 @@ jax.tree_util.register_dataclass(GenerateOutput, data_fields=["tokens", "logprob
                                  meta_fields=[])
 
 
-def load(path, dtype: str | None = None, mesh=None) -> tuple[CausalLM, dict, Any]:
+def load(path, dtype: str | None = None, mesh=None,
+         enable_expert_parallel: bool = False) -> tuple[CausalLM, dict, Any]:
     """(model, params, tokenizer) from a converted jpaged checkpoint, an HF directory or a `.gguf`.
 
     `model.config` is the ModelConfig, its `eos_token_ids` merged from config.json,
@@ -64,7 +65,8 @@ def load(path, dtype: str | None = None, mesh=None) -> tuple[CausalLM, dict, Any
     mesh: a 1-D `jax.sharding.Mesh` for tensor parallelism (jpaged/parallel.py): params come back
     in their shards (a jpaged checkpoint is restored by Orbax straight into them), and the model's
     attention runs per device under shard_map; its config then counts the KV heads as replicated
-    (num_kv_heads = mesh size when the mesh outnumbers them).
+    (num_kv_heads = mesh size when the mesh outnumbers them). An MoE model's experts are split
+    over the mesh by expert with `enable_expert_parallel`, else by their MLP width.
     """
     from jpaged.checkpoint.loader import load_checkpoint
 
@@ -74,9 +76,10 @@ def load(path, dtype: str | None = None, mesh=None) -> tuple[CausalLM, dict, Any
         return (CausalLM(config, jnp.dtype(checkpoint.dtype)), arrange_layers(checkpoint.params),
                 checkpoint.tokenizer)
     from jpaged.parallel import TensorParallel
-    tp = TensorParallel.create(config, mesh=mesh)
+    tp = TensorParallel.create(config, mesh=mesh, expert_parallel=enable_expert_parallel)
     model = CausalLM(tp.model_config, jnp.dtype(checkpoint.dtype),
-                     tp.wrap_attention(reference_attention()))
+                     tp.wrap_attention(reference_attention()),
+                     moe=tp.moe_fn() if config.is_moe else None)
     return model, tp.shard_params(checkpoint.params), checkpoint.tokenizer
 
 
@@ -103,7 +106,9 @@ def generate(model: CausalLM, params, prompt_tokens, prompt_lengths, *, max_new_
     Static: model, max_new_tokens, page_size, num_pages (default: exactly the pages needed, 1 + B*P),
     eos_token_id (None: never stop early), min_new_tokens (EOS is banned, so cannot be sampled,
     before that many tokens: vLLM's min_tokens, HF's min_new_tokens) and attention (default: the
-    model's own).
+    model's own). A LongRoPE model (Phi-3) picks its short or long factors by
+    `model.config.max_model_len`, or when that is None by this call's longest sequence
+    (W + max_new_tokens - 1), vLLM's rule (jpaged/config.py).
     """
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)                    # [B, W]
     prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)                  # [B]
@@ -112,6 +117,9 @@ def generate(model: CausalLM, params, prompt_tokens, prompt_lengths, *, max_new_
                                 num_pages, temperature, top_k, top_p, min_new_tokens)
     if attention is not None:
         model = model.clone(attention=attention)
+    if model.config.max_model_len is None:   # this call's longest sequence (LongRoPE's choice)
+        model = model.clone(config=dataclasses.replace(
+            model.config, max_model_len=width + max_new_tokens - 1))
     num_pages = num_pages or 1 + num_seqs * pages_per_seq
     block_tables = 1 + jnp.arange(num_seqs * pages_per_seq, dtype=jnp.int32).reshape(
         num_seqs, pages_per_seq)                                             # [B, P]

@@ -7,8 +7,8 @@ environment variable read when the engine starts.
   - "triton" (or "mosaic") is a promise: it raises with the reason when it cannot be kept.
   - "reference" always works.
 NOTE: the probe makes the engine's real call: the model's head counts, head dim, dtype and page
-size, the `[L, ...]` cache read through `layer=`, the sliding window, inside `jax.jit`; so a kernel
-that cannot serve this model fails at start-up, not at the first step.
+size, the `[L, ...]` cache read through `layer=`, the sliding window, soft cap and scale, inside
+`jax.jit`; so a kernel that cannot serve this model fails at start-up, not at the first step.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class ProbeShape:
     head_dim: int
     dtype: str
     page_size: int
-    sliding_window: int | None = None
+    sliding_window: int | None = None       # the model's (its smallest, when layers differ)
+    soft_cap: float | None = None
+    scale: float | None = None
 
 
 def select_attention(requested: str | None, probe: ProbeShape, *, platform: str | None = None,
@@ -107,6 +109,8 @@ def probe_kernels(fns: AttentionFns, probe: ProbeShape, num_layers: int = 2) -> 
     query_start_loc = jnp.asarray([0, 3, 4], jnp.int32)           # a 3-token chunk and a decode
     layer = jnp.int32(num_layers - 1)
     kwargs = dict(layer=layer, sliding_window=probe.sliding_window)
+    kwargs.update({k: v for k, v in (("soft_cap", probe.soft_cap), ("scale", probe.scale))
+                   if v is not None})
     q_decode = jnp.asarray(rng.standard_normal((2, g, h)), dtype)
     q_ragged = jnp.asarray(rng.standard_normal((4, g, h)), dtype)
     cases = {

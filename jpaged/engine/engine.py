@@ -66,6 +66,9 @@ class EngineConfig:
     seed: int = 0
     # vLLM's name: shard weights and KV cache over a mesh of this many devices (jpaged/parallel.py)
     tensor_parallel_size: int = 1
+    # vLLM's name: an MoE model's experts are split whole over those devices (else each expert's
+    # MLP width is); tokens are the same either way
+    enable_expert_parallel: bool = False
     # a step whose bucket is not compiled runs in a compiled stand-in while its own compiles on a
     # background thread (runner.py; the server's mode; ignored with several processes)
     compile_in_background: bool = False
@@ -104,12 +107,15 @@ class LLMEngine:
         self.compilation_cache_dir = enable_compilation_cache(config.compilation_cache_dir)
         self.attention = select_attention(config.attention_backend, ProbeShape(
             mc.num_heads, mc.num_kv_heads, mc.head_dim, self.dtype.name, config.page_size,
-            mc.sliding_window))
+            mc.sliding_window, mc.attn_soft_cap, mc.attn_scale))
         # NOTE: tensor parallelism. The model may run with more KV heads than the checkpoint has
         # (replicated, jpaged/parallel.py); self.model_config stays the checkpoint's.
-        self.parallel = TensorParallel.create(mc, config.tensor_parallel_size) \
+        self.parallel = TensorParallel.create(
+            mc, config.tensor_parallel_size, expert_parallel=config.enable_expert_parallel) \
             if config.tensor_parallel_size > 1 else None
-        self._run_config = run_config = self.parallel.model_config if self.parallel else mc
+        # the model runs knowing max_model_len (LongRoPE picks its factors by it, as vLLM does)
+        self._run_config = run_config = dataclasses.replace(
+            self.parallel.model_config if self.parallel else mc, max_model_len=self.max_model_len)
         num_pages = self._choose_num_pages()
         capacity = (num_pages - 1) * config.page_size
         if self.max_model_len > capacity:
@@ -118,7 +124,8 @@ class LLMEngine:
                 f"({num_pages - 1} usable pages x {config.page_size} = {capacity} tokens); give more "
                 f"num_pages / memory, or lower max_model_len")
         fns = self.parallel.wrap_attention(self.attention.fns) if self.parallel else self.attention.fns
-        model = CausalLM(run_config, self.dtype, fns)
+        model = CausalLM(run_config, self.dtype, fns,
+                         moe=self.parallel.moe_fn() if self.parallel and mc.is_moe else None)
         params = self.parallel.shard_params(checkpoint.params) if self.parallel else checkpoint.params
         page_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype)
         num_host_pages = int(config.swap_space * _GIB // page_bytes) \
