@@ -6,13 +6,20 @@ costs a full forward and the reference attention reads every padded page of the 
 tokens and pages get finer buckets (4 per octave) than sequences (2 per octave), whose padding only
 costs LM-head rows. A batch where every sequence brings one token is a decode (T = B).
 
-The warm-up plan (`BucketPolicy.warmup_plan`), decode buckets first (every request needs them):
+The warm-up plans (`BucketPolicy.warmup_plan`), decode buckets first (every request needs them).
+"full" compiles every bucket a request can meet alone:
   - every decode bucket: B x P for each page bucket up to max_model_len;
   - every prefill of one request alone: each (T, P) a prompt of 1 .. min(max_model_len - 1,
     max_num_batched_tokens) tokens maps to;
   - stand-ins for mixed batches (prefill chunks beside running decodes): the largest batch bucket
     at each power-of-two token count and power-of-two width (and the largest of each), so every
     mixed batch has one with at most twice its tokens and pages (ModelRunner's stand-ins).
+"auto" (`jpaged serve`'s default) compiles a coarse grid of stand-ins, so that any step can run
+at once in a compiled bucket at most ~4-8x its size while its own compiles in the background
+(ModelRunner's stand-ins), and start-up takes seconds rather than minutes:
+  - decode: B in {1, 8, 64, ...} up to max_num_seqs (x8 apart) x P every 4x down from the widest;
+  - prefill of one request: T every 4x down from the longest prompt's bucket;
+  - mixed: the largest batch bucket at T every 4x down from max_num_batched_tokens, full width.
 """
 
 from __future__ import annotations
@@ -78,6 +85,16 @@ def pick(buckets: list[int], n: int) -> int:
     return next(b for b in buckets if b >= n)
 
 
+def thinned(buckets: list[int], ratio: int) -> list[int]:
+    """The largest bucket, then the bucket holding each `ratio`-th fraction of it, down to about
+    twice the smallest (so any size has a bucket at most ~`ratio` times its own)."""
+    out, bound = {buckets[-1]}, buckets[-1]
+    while bound > 2 * buckets[0]:
+        bound = max(bound // ratio, buckets[0])
+        out.add(pick(buckets, bound))
+    return sorted(out)
+
+
 class BucketPolicy:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  page_size: int):
@@ -100,8 +117,10 @@ class BucketPolicy:
             decode_only=decode_only,
             prompt_logprobs=any(wants_prompt_logprobs(r) for r in rows))
 
-    def warmup_plan(self) -> list[WarmupStep]:
+    def warmup_plan(self, mode: Literal["full", "auto"] = "full") -> list[WarmupStep]:
         """One fake batch per bucket to compile before serving (see the module docstring)."""
+        if mode == "auto":
+            return self._coarse_plan()
         size = self.page_size
         pages = [p for p in self.pages if (p - 1) * size < self.max_model_len]
         plan = [WarmupStep("decode", b, b, p) for p in pages for b in self.seqs]
@@ -116,4 +135,21 @@ class BucketPolicy:
             tokens = [t for t in self.tokens if t > batch and t & (t - 1) == 0]
             plan += [WarmupStep("mixed", batch, t, p) for p in widths
                      for t in tokens + [self.tokens[-1]] if -(-t // batch) <= p * size]
+        return list(dict.fromkeys(plan))
+
+    def _coarse_plan(self) -> list[WarmupStep]:
+        """The "auto" plan: a coarse grid of stand-ins (see the module docstring)."""
+        size = self.page_size
+        pages = thinned([p for p in self.pages if (p - 1) * size < self.max_model_len], 4)
+        plan = [WarmupStep("decode", b, b, p) for p in pages for b in thinned(self.seqs, 8)]
+        longest = min(self.max_model_len - 1, self.max_num_batched_tokens)
+        reachable = [t for t in self.tokens if t <= pick(self.tokens, longest)]
+        for t in thinned(reachable, 4):
+            length = min(t, longest)
+            plan.append(WarmupStep("prefill", 1, length, -(-length // size)))
+        batch, widest = self.seqs[-1], pages[-1]
+        if batch > 1:
+            mixed = [t for t in self.tokens if t > batch]
+            plan += [WarmupStep("mixed", batch, t, widest) for t in thinned(mixed, 4)
+                     if -(-t // batch) <= widest * size] if mixed else []
         return list(dict.fromkeys(plan))

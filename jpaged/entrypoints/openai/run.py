@@ -1,8 +1,11 @@
 """`jpaged serve`: arguments, start-up (load, warm up, then listen) and graceful shutdown.
 
 Start-up order: load the model, build the engine, compile its shape buckets (LLMEngine.warm_up),
-start the engine loop, then bind the port. So once `/health` answers 200 no first request compiles a step
-for a decode or a lone prefill.
+start the engine loop, then bind the port. With the default `--warmup auto` that is a coarse grid
+of stand-ins (engine/buckets.py): once `/health` answers 200 every step runs at once in a compiled
+bucket (its own compiles in the background the first time, if the stand-in is more than twice
+its size), so no request waits for XLA; `--warmup full` compiles every decode and lone-prefill
+bucket first (minutes on a CPU), `--warmup none` nothing.
 Shutdown: on SIGINT or SIGTERM uvicorn stops accepting, lets requests in flight finish for up to
 `--shutdown-timeout` seconds, then cancels the rest (which aborts them); the engine loop stops and
 the process exits 0. A second SIGINT exits at once.
@@ -52,9 +55,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-waiting-requests", type=int, default=256,
                         help="requests that may wait for the batch; past that: 503")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
-    parser.add_argument("--warmup", choices=["full", "none"], default="full",
-                        help="compile the decode, single-prefill and mixed stand-in buckets "
-                             "before serving")
+    parser.add_argument("--warmup", choices=["auto", "full", "none"], default="auto",
+                        help="before serving compile a coarse grid of stand-in buckets (auto: "
+                             "seconds; the rest compile in the background when first met), "
+                             "every decode, single-prefill and mixed stand-in bucket (full), or "
+                             "nothing (none)")
     parser.add_argument("--shutdown-timeout", type=float, default=3.0,
                         help="seconds requests in flight may finish after SIGINT/SIGTERM")
     parser.add_argument("--log-level", default="info")
@@ -85,8 +90,8 @@ def run_server(args: argparse.Namespace) -> int:
               # background (the engine turns this off when several processes must run one program)
               compile_in_background=True)
     engine = llm.llm_engine
-    if args.warmup == "full":
-        engine.warm_up()              # the same steps on every process (deterministic plan)
+    if args.warmup != "none":         # the same steps on every process (deterministic plan)
+        engine.warm_up(engine.runner.buckets.warmup_plan(args.warmup))
     if engine.call_log is not None and not engine.call_log.is_leader:
         logger.info("process %d: following process 0's steps (it serves HTTP)", args.process_id)
         engine.run_follower()

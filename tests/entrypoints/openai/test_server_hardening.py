@@ -2,8 +2,8 @@
 --trust-request-chat-template so the bounded renderer can be attacked): every hostile or
 careless request of the issue gets a 4xx naming its field, vLLM's fields are honoured, admission
 counts client requests, transport-level ambiguities are refused, a Hypothesis fuzzer finds no 5xx
-and no hang, and after a few thousand mixed requests the server is alive, every page is free and
-its RSS is flat."""
+and no hang, and after about two thousand requests (a thousand of them a fixed mix of good and
+bad ones) the server is alive, every page is free and its RSS is flat (within 64 MiB)."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def server(smollm2_path, tmp_path_factory):
     srv = RemoteServer([str(smollm2_path), "--served-model-name", MODEL, "--dtype", "float32",
                         "--max-model-len", str(MAX_MODEL_LEN), "--num-pages", "96",
                         "--max-num-seqs", str(MAX_NUM_SEQS), "--max-waiting-requests",
-                        str(MAX_WAITING), "--max-body-bytes", "200000", "--warmup", "none",
+                        str(MAX_WAITING), "--max-body-bytes", "200000",
                         "--trust-request-chat-template", "--disable-ui"],
                        tmp_path_factory.mktemp("server") / "server.log", api_key=API_KEY)
     yield srv
@@ -383,14 +383,14 @@ async def _mixed(server, count: int) -> dict[int, int]:
 
 def test_thousands_of_mixed_requests_leave_the_server_alive_flat_and_empty(server):
     process = psutil.Process(server.proc.pid)
-    asyncio.run(_mixed(server, 300))                # compiles what the mix needs
+    asyncio.run(_mixed(server, 200))                # compiles what the mix needs
     server.wait_idle(timeout=30)
     before = process.memory_info().rss
-    statuses = asyncio.run(_mixed(server, 1200))
+    statuses = asyncio.run(_mixed(server, 900))
     idle = server.wait_idle(timeout=30)
     grown = process.memory_info().rss - before
     print(f"statuses {statuses}, RSS {before / 2**20:.0f} -> {(before + grown) / 2**20:.0f} MiB")
-    assert statuses.get(200, 0) >= 600 and set(statuses) <= {200, 400, 503}, statuses
+    assert statuses.get(200, 0) >= 450 and set(statuses) <= {200, 400, 503}, statuses
     assert idle["jpaged:kv_pages_used"] == 0
-    assert grown < 64 << 20, f"RSS grew {grown / 2**20:.1f} MiB over 1,200 requests"
+    assert grown < 64 << 20, f"RSS grew {grown / 2**20:.1f} MiB over 900 requests"
     assert httpx.get(f"{server.url}/health").status_code == 200
