@@ -10,7 +10,12 @@ the devices outnumber them), for N devices of M GiB each:
 
     python benchmarks/capacity.py benchmarks/configs/llama-3-70b.json --devices 8 \
         --dtype bfloat16 --memory-gib 80          # Llama-3-70B on 8 x H100 80GB
+    python benchmarks/capacity.py benchmarks/configs/qwen3-30b-a3b.json --devices 8 \
+        --enable-expert-parallel                  # an MoE: experts split whole over the devices
     python benchmarks/capacity.py HF_DIR_OR_CONFIG_JSON [--json]
+
+For an MoE config it also reports the parameters a token runs through (the active ones: every
+non-expert weight and k of the E experts of each MoE layer) and the experts each device holds.
 
 CONFIG is an HF config.json, an HF model directory, or a converted jpaged checkpoint directory.
 The figures agree with the shard shapes the engine builds (tests/parallel/test_tensor_parallel.py
@@ -42,23 +47,34 @@ def load_config(path: str):
 
 
 def capacity(config, devices: int, dtype: str, memory_gib: float, utilization: float = 0.9,
-             page_size: int = 16) -> dict:
+             page_size: int = 16, expert_parallel: bool = False) -> dict:
     import jax.numpy as jnp
     from jpaged.checkpoint.params import param_shapes
-    from jpaged.parallel import bytes_per_device, kv_replicas, param_specs
+    from jpaged.parallel import bytes_per_device, check_experts, kv_replicas, param_specs
 
     replicas = kv_replicas(config.num_heads, config.num_kv_heads, devices)
+    check_experts(config, devices, expert_parallel)
     kv_heads_per_device = config.num_kv_heads * replicas // devices
     shapes = param_shapes(config)                      # jax.eval_shape: nothing is allocated
     # the layout the engine runs: wk, wv (bk, bv) with K' = K x replicas heads
     run = param_shapes(dataclasses.replace(config, num_kv_heads=config.num_kv_heads * replicas))
     itemsize = jnp.dtype(dtype).itemsize
-    weights = bytes_per_device(run, param_specs(run, config, devices), devices, dtype)
+    weights = bytes_per_device(run, param_specs(run, config, devices, expert_parallel), devices,
+                               dtype)
     weights_total = sum(_numel(s.shape) * itemsize for s in _leaves(shapes))
     kv_per_token = 2 * config.num_layers * kv_heads_per_device * config.head_dim * itemsize
     budget = memory_gib * _GIB * utilization - weights
     pages = max(0, int(budget // (kv_per_token * page_size)))
     tokens = pages * page_size
+    moe = {}
+    if config.is_moe:
+        experts = sum(_numel(s.shape) for s in _leaves(shapes["layers"]["moe"]))
+        router = _numel(shapes["layers"]["moe"]["router"].shape)
+        active = (experts - router) * config.num_experts_per_tok // config.num_experts + router
+        moe = {"experts": config.num_experts, "experts_per_token": config.num_experts_per_tok,
+               "experts_per_device": config.num_experts // devices if expert_parallel
+               else config.num_experts, "expert_parallel": expert_parallel,
+               "active_params": sum(_numel(s.shape) for s in _leaves(shapes)) - experts + active}
     return {
         "devices": devices, "dtype": dtype, "memory_gib": memory_gib,
         "gpu_memory_utilization": utilization, "page_size": page_size,
@@ -72,6 +88,7 @@ def capacity(config, devices: int, dtype: str, memory_gib: float, utilization: f
         "pages_that_fit": pages, "tokens_that_fit": tokens,
         "max_model_len": config.max_position_embeddings,
         "full_length_sequences": tokens // config.max_position_embeddings,
+        **moe,
     }
 
 
@@ -103,6 +120,11 @@ def report(name: str, c: dict) -> str:
         f"{c['page_size']}), i.e. {c['full_length_sequences']:,} sequences of "
         f"{c['max_model_len']:,} tokens",
     ]
+    if "experts" in c:
+        split = (f"{c['experts_per_device']} whole experts per device (expert parallel)"
+                 if c["expert_parallel"] else "every expert on every device, split by its width")
+        lines.insert(1, f"  MoE: {c['experts']} experts, {c['experts_per_token']} per token "
+                        f"({c['active_params'] / 1e9:.2f}B active params); {split}")
     return "\n".join(lines)
 
 
@@ -114,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-gib", type=float, default=80.0, help="memory of one device")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--enable-expert-parallel", action="store_true",
+                        help="an MoE's experts split whole over the devices (else by width)")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead")
     args = parser.parse_args(argv)
     try:
         c = capacity(load_config(args.config), args.devices, args.dtype, args.memory_gib,
-                     args.gpu_memory_utilization, args.page_size)
+                     args.gpu_memory_utilization, args.page_size, args.enable_expert_parallel)
     except (ValueError, FileNotFoundError) as exc:
         print(f"capacity: error: {exc}", file=sys.stderr)
         return 2

@@ -51,3 +51,26 @@ def test_dense_and_moe_tokens_equal_for_tp_1_2_4_8(tmp_path):
         # one all-reduce per MoE layer's psum inside the scan body, as after a dense MLP
         assert "all-reduce" in result[f"moe/{n}"]["collectives"]
     assert result["moe/8/by-width"]["w_gate_up"] == [[2, experts, 64, 2, width // 8]] * 8
+
+
+def test_capacity_sizes_moe_configs_on_paper():
+    """benchmarks/capacity.py on the published Qwen3-30B-A3B and Mixtral-8x7B configs: their
+    known parameter counts, the active ones, and the experts each of 8 devices holds."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "capacity.py"
+    spec = importlib.util.spec_from_file_location("capacity", path)
+    capacity = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(capacity)
+    configs = path.parent / "configs"
+    qwen = capacity.load_config(str(configs / "qwen3-30b-a3b.json"))
+    mixtral = capacity.load_config(str(configs / "mixtral-8x7b.json"))
+    c = capacity.capacity(qwen, 8, "bfloat16", 80.0, expert_parallel=True)
+    assert (c["params"], c["active_params"]) == (30_532_122_624, 3_353_032_704)   # "30B-A3B"
+    assert c["experts_per_device"] == 16 and c["kv_head_replicas"] == 2
+    c = capacity.capacity(mixtral, 8, "bfloat16", 80.0, expert_parallel=True)
+    assert (c["params"], c["active_params"]) == (46_702_792_704, 12_879_925_248)
+    assert c["experts_per_device"] == 1
+    assert c["weight_bytes_per_device"] * 8 == pytest.approx(c["weight_bytes_total"], rel=0.02)
+    with pytest.raises(ValueError, match="tensor_parallel_size=16 does not divide the model's 8 "
+                                         "experts"):
+        capacity.capacity(mixtral, 16, "bfloat16", 80.0, expert_parallel=True)
