@@ -20,7 +20,8 @@ import numpy as np
 from jpaged.checkpoint.gguf_blocks import SUPPORTED as GGUF_BLOCK_TYPES
 from jpaged.checkpoint.gguf_blocks import HostQuantized
 from jpaged.checkpoint.gguf_blocks import decode as decode_blocks
-from jpaged.checkpoint.weight_map import (GGUF_ARCHITECTURES, GGUF_TO_HF, match_pattern, shape_dims)
+from jpaged.checkpoint.weight_map import (GGUF_ARCHITECTURES, GGUF_MIXTRAL, GGUF_TO_HF,
+                                          match_pattern, shape_dims, table_pattern)
 from jpaged.config import SUPPORTED_DTYPES, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,11 @@ class GGUFSource:
             raise ValueError(f"unsupported GGUF architecture {self.arch_name!r} in {self.path}: jpaged "
                              f"supports {', '.join(GGUF_ARCHITECTURES)}")
         self.arch = GGUF_ARCHITECTURES[self.arch_name]
+        if self.arch_name == "llama" and self._meta("llama.expert_count", 0):
+            self.arch = GGUF_MIXTRAL
         self._tensors = {t.name: t for t in self.reader.tensors}
+        self._expert_of: dict[str, int] = {}    # HF name -> its expert in a stacked GGUF tensor
+        self._stacked = (None, None)            # the last stacked tensor dequantized, by name
         self._hf_to_gguf = self._map_names()
         self.hf_config = self._hf_config()
         self.config = ModelConfig.from_hf_config(self.hf_config)
@@ -168,16 +173,24 @@ class GGUFSource:
         return field.contents()
 
     def _map_names(self) -> dict[str, str]:
+        """HF name -> GGUF name; a GGUF tensor stacking E experts stands for E HF names."""
+        table = {**GGUF_TO_HF, **self.arch.names}
         hf_to_gguf, unused = {}, []
         for name in self._tensors:
-            match = match_pattern(name, GGUF_TO_HF)
+            match = match_pattern(name, table)
             if match is None:
                 unused.append(name)
                 continue
             pattern, layer = match
-            hf_pattern = GGUF_TO_HF[pattern]
+            hf_pattern = table[pattern]
+            if hf_pattern.count("{}") == 2:
+                for expert in range(self._hf_shape(self._tensors[name])[0]):
+                    hf_name = hf_pattern.format(layer, expert)
+                    hf_to_gguf[hf_name], self._expert_of[hf_name] = name, expert
+                continue
             hf_to_gguf[hf_pattern.format(layer) if layer is not None else hf_pattern] = name
-        unused = [name for name in unused if name != "rope_freqs.weight"]   # read by _rope_scaling
+        unused = [name for name in unused if name not in (    # read by _rope_scaling
+            "rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")]
         if unused:
             logger.warning("%s: ignoring %d GGUF tensors with no HF name: %s", self.path, len(unused),
                            ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else ""))
@@ -190,9 +203,6 @@ class GGUFSource:
         hidden = self._meta(f"{a}.embedding_length")
         head_dim = self._meta(f"{a}.attention.key_length", hidden // heads)
         rotary_dim = self._meta(f"{a}.rope.dimension_count", head_dim)
-        if rotary_dim != head_dim:
-            raise ValueError(f"{self.path}: partial rotary embeddings (rope.dimension_count={rotary_dim}, "
-                             f"head_dim={head_dim}) are not supported")
         theta = float(self._meta(f"{a}.rope.freq_base", 10000.0))
         config = {
             "architectures": [self.arch.hf_architecture],
@@ -214,9 +224,41 @@ class GGUFSource:
             "eos_token_id": self._meta("tokenizer.ggml.eos_token_id", None),
             "torch_dtype": "float32",
         }
-        if self.arch.model_type == "qwen2":
+        if rotary_dim != head_dim:
+            config["partial_rotary_factor"] = rotary_dim / head_dim
+        if self.arch.model_type in ("qwen2", "qwen3", "qwen3_moe"):
             config["use_sliding_window"] = False
+        config.update(self._family_config(config))
         return config
+
+    def _family_config(self, config: dict) -> dict:
+        """What llama.cpp stores (or hard-codes) for the families beyond Llama's fields."""
+        a, kind, layers = self.arch_name, self.arch.model_type, config["num_hidden_layers"]
+        window = self._meta(f"{a}.attention.sliding_window", 0) or None
+        if kind in ("mixtral", "qwen3_moe"):
+            experts = dict(num_experts_per_tok=self._meta(f"{a}.expert_used_count"),
+                           num_local_experts=self._meta(f"{a}.expert_count"))
+            if kind == "qwen3_moe":     # llama.cpp's qwen3moe graph renormalises the top-k
+                experts.update(moe_intermediate_size=self._meta(f"{a}.expert_feed_forward_length"),
+                               norm_topk_prob=bool(self._meta(f"{a}.expert_weights_norm", True)))
+            return experts
+        if kind == "phi3":
+            return dict(sliding_window=window)
+        if not kind.startswith("gemma"):
+            return {}
+        # NOTE: llama.cpp does not store query_pre_attn_scalar: it scales by 1/sqrt(D/N) for the
+        # 27B models (46 layers for Gemma 2, 62 for Gemma 3) and by 1/sqrt(H) otherwise; Gemma 3's
+        # pattern (5 sliding : 1 global) and local RoPE base (10000) are fixed there too.
+        big = layers == (46 if kind == "gemma2" else 62)
+        out = dict(hidden_activation="gelu_pytorch_tanh", sliding_window=window,
+                   query_pre_attn_scalar=config["hidden_size"] // config["num_attention_heads"]
+                   if big else config["head_dim"])
+        if kind == "gemma2":
+            out.update(attn_logit_softcapping=self._meta(f"{a}.attn_logit_softcapping", None),
+                       final_logit_softcapping=self._meta(f"{a}.final_logit_softcapping", None))
+        else:
+            out.update(sliding_window_pattern=6, rope_local_base_freq=10000.0)
+        return out
 
     def _vocab_size(self) -> int:
         vocab = self._meta(f"{self.arch_name}.vocab_size", None)
@@ -229,6 +271,12 @@ class GGUFSource:
     def _rope_scaling(self, theta: float, head_dim: int) -> dict | None:
         a = self.arch_name
         kind = self._meta(f"{a}.rope.scaling.type", "none")
+        if "rope_factors_long.weight" in self._tensors:     # Phi-3's LongRoPE
+            factors = {f"{which}_factor": self._dequantize(
+                self._tensors[f"rope_factors_{which}.weight"]).reshape(-1).tolist()
+                for which in ("long", "short")}
+            return {"rope_type": "longrope", **factors, "original_max_position_embeddings":
+                    self._meta(f"{a}.rope.scaling.original_context_length")}
         if "rope_freqs.weight" in self._tensors:
             freqs = self._dequantize(self._tensors["rope_freqs.weight"]).reshape(-1)
             original = self._meta(f"{a}.rope.scaling.original_context_length", 8192)
@@ -255,10 +303,15 @@ class GGUFSource:
         return f"{self._hf_to_gguf.get(name, '?')} (HF {name})"
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._hf_shape(self._tensors[self._hf_to_gguf[name]])
+        shape = self._hf_shape(self._tensors[self._hf_to_gguf[name]])
+        return shape[1:] if name in self._expert_of else shape
 
     def read(self, name: str) -> np.ndarray:
         gguf_name = self._hf_to_gguf[name]
+        if name in self._expert_of:             # one expert of a stacked tensor, dequantized once
+            if self._stacked[0] != gguf_name:
+                self._stacked = (gguf_name, self._dequantize(self._tensors[gguf_name]))
+            return self._fix(gguf_name, self._stacked[1][self._expert_of[name]])
         values = self._dequantize(self._tensors[gguf_name])
         return self._fix(gguf_name, values)
 
@@ -274,7 +327,12 @@ class GGUFSource:
         return quantized.map_rows(lambda x: self._fix(gguf_name, x))
 
     def tensor_type(self, name: str) -> str:
-        return self._tensors[self._hf_to_gguf[name]].tensor_type.name
+        """The stored type ("F32" for the tensors jpaged dequantizes whatever their type:
+        stacked experts and the GGUFArch's `dequantized`)."""
+        gguf_name = self._hf_to_gguf[name]
+        if name in self._expert_of or table_pattern(gguf_name) in self.arch.dequantized:
+            return "F32"
+        return self._tensors[gguf_name].tensor_type.name
 
     def _fix(self, gguf_name: str, values: np.ndarray) -> np.ndarray:
         """Undo llama.cpp's layout changes (they act on output rows, so on block rows too)."""

@@ -197,6 +197,8 @@ GGUF_TO_HF: dict[str, str] = {
     "blk.{}.ffn_gate.weight": "model.layers.{}.mlp.gate_proj.weight",
     "blk.{}.ffn_up.weight": "model.layers.{}.mlp.up_proj.weight",
     "blk.{}.ffn_down.weight": "model.layers.{}.mlp.down_proj.weight",
+    "blk.{}.attn_q_norm.weight": "model.layers.{}.self_attn.q_norm.weight",
+    "blk.{}.attn_k_norm.weight": "model.layers.{}.self_attn.k_norm.weight",
 }
 
 
@@ -218,6 +220,12 @@ class GGUFArch:
     hf_architecture: str                 # the HF `architectures` entry the GGUF maps to
     model_type: str
     fixes: dict[str, Transform]          # GGUF name -> transform back to the HF layout
+    # GGUF -> HF names this architecture maps differently from GGUF_TO_HF, or adds. An HF name
+    # with a second `{}` is one expert of a GGUF tensor that stacks them all ([E, ...]).
+    names: dict[str, str] = dataclasses.field(default_factory=dict)
+    # GGUF names always dequantized, even when quantized weights are served as stored: their rows
+    # are not the layout the stored path reshapes (Phi-3's fused q/k/v and gate/up)
+    dequantized: tuple[str, ...] = ()
 
 
 _LLAMA_ROPE_FIXES = {
@@ -227,11 +235,48 @@ _LLAMA_ROPE_FIXES = {
     "blk.{}.attn_k.bias": unpermute_rope_rows("K"),
 }
 
-# GGUF `general.architecture` -> HF family. llama.cpp stores Mistral checkpoints as "llama" too.
+def unshift_norm(x, d):
+    """llama.cpp stores Gemma's RMSNorm weights w as 1 + w (its norm multiplies by the weight);
+    HF's (and jpaged's) Gemma norm adds the 1 itself."""
+    return x - 1.0
+
+
+_GEMMA_NORM_FIXES = {name: unshift_norm for name in (
+    "output_norm.weight", "blk.{}.attn_norm.weight", "blk.{}.post_attention_norm.weight",
+    "blk.{}.ffn_norm.weight", "blk.{}.post_ffw_norm.weight", "blk.{}.attn_q_norm.weight",
+    "blk.{}.attn_k_norm.weight")}
+_GEMMA_NAMES = {
+    "blk.{}.post_attention_norm.weight": "model.layers.{}.post_attention_layernorm.weight",
+    "blk.{}.ffn_norm.weight": "model.layers.{}.pre_feedforward_layernorm.weight",
+    "blk.{}.post_ffw_norm.weight": "model.layers.{}.post_feedforward_layernorm.weight",
+}
+
+
+def _expert_names(router: str, experts: str, gate: str, up: str, down: str) -> dict[str, str]:
+    return {"blk.{}.ffn_gate_inp.weight": f"model.layers.{{}}.{router}.weight",
+            "blk.{}.ffn_gate_exps.weight": f"model.layers.{{}}.{experts}.{{}}.{gate}.weight",
+            "blk.{}.ffn_up_exps.weight": f"model.layers.{{}}.{experts}.{{}}.{up}.weight",
+            "blk.{}.ffn_down_exps.weight": f"model.layers.{{}}.{experts}.{{}}.{down}.weight"}
+
+
+# GGUF `general.architecture` -> HF family. llama.cpp stores Mistral checkpoints as "llama" too,
+# and Mixtral as "llama" with experts (GGUF_MIXTRAL, chosen by `llama.expert_count`). q and k of
+# the other architectures are stored unpermuted (llama.cpp rotates them NeoX-style).
 GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "llama": GGUFArch("LlamaForCausalLM", "llama", _LLAMA_ROPE_FIXES),
     "qwen2": GGUFArch("Qwen2ForCausalLM", "qwen2", {}),
+    "qwen3": GGUFArch("Qwen3ForCausalLM", "qwen3", {}),
+    "qwen3moe": GGUFArch("Qwen3MoeForCausalLM", "qwen3_moe", {}, _expert_names(
+        "mlp.gate", "mlp.experts", "gate_proj", "up_proj", "down_proj")),
+    "gemma2": GGUFArch("Gemma2ForCausalLM", "gemma2", _GEMMA_NORM_FIXES, _GEMMA_NAMES),
+    "gemma3": GGUFArch("Gemma3ForCausalLM", "gemma3_text", _GEMMA_NORM_FIXES, _GEMMA_NAMES),
+    "phi3": GGUFArch("Phi3ForCausalLM", "phi3", {}, {
+        "blk.{}.attn_qkv.weight": "model.layers.{}.self_attn.qkv_proj.weight",
+        "blk.{}.ffn_up.weight": "model.layers.{}.mlp.gate_up_proj.weight"},   # gate rows, up rows
+        dequantized=("blk.{}.attn_qkv.weight", "blk.{}.ffn_up.weight")),
 }
+GGUF_MIXTRAL = GGUFArch("MixtralForCausalLM", "mixtral", _LLAMA_ROPE_FIXES, _expert_names(
+    "block_sparse_moe.gate", "block_sparse_moe.experts", "w1", "w3", "w2"))
 
 
 def shape_dims(config: ModelConfig) -> dict[str, int]:
