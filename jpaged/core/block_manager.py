@@ -20,6 +20,10 @@ first.
 NOTE: swap. `swap_out` moves a table's pages to host pages (refcounts on the device drop as in
 `free`); `swap_in` moves them back to fresh device pages. Each returns the (from, to) pairs the
 runner copies in one gather or scatter.
+NOTE: pages behind a sliding window. When every layer of the model attends within the same
+window W (Mistral-style), `release_before` gives back the pages a sequence can never read again:
+their table entries become the null page (the table keeps its length, so the slot formula is
+unchanged). Every walk over a table skips those entries; a swapped table marks them RELEASED.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from jpaged.core.sequence import Sequence
 from jpaged.core.stats import Stats
 
 NULL_PAGE = 0
+RELEASED = -1      # a host table's entry for a released (null) device page: nothing to move
 
 
 def page_key(parent: bytes | None, tokens: tuple[int, ...]) -> bytes:
@@ -98,14 +103,25 @@ class BlockManager:
 
     def free(self, seq: Sequence) -> None:
         for page in reversed(seq.block_table):
-            self._release(page)
+            if page != NULL_PAGE:
+                self._release(page)
         seq.block_table = []
         seq.num_committed_pages = 0
+
+    def release_before(self, seq: Sequence, position: int) -> None:
+        """Release the pages of `seq` that hold only positions < `position` (see the NOTE on
+        sliding windows): walking back from the last of them to one released already."""
+        i = min(position // self.page_size, len(seq.block_table)) - 1
+        while i >= 0 and seq.block_table[i] != NULL_PAGE:
+            self._release(seq.block_table[i])
+            seq.block_table[i] = NULL_PAGE
+            i -= 1
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every page of the parent (refcount + 1 each), no copy."""
         for page in parent.block_table:
-            self.refcounts[page] += 1
+            if page != NULL_PAGE:
+                self.refcounts[page] += 1
         child.block_table = list(parent.block_table)
         child.num_committed_pages = parent.num_committed_pages
 
@@ -155,7 +171,7 @@ class BlockManager:
         pages = seq.full_pages(self.page_size, full)
         for i in range(seq.num_committed_pages, full):
             page, (key, tokens) = seq.block_table[i], pages[i]
-            if key not in self.cached_pages and page not in self.page_keys:
+            if page != NULL_PAGE and key not in self.cached_pages and page not in self.page_keys:
                 self.cached_pages[key] = page
                 self.page_keys[page] = (key, tokens)
         seq.num_committed_pages = max(seq.num_committed_pages, full)
@@ -167,30 +183,31 @@ class BlockManager:
 
     # ---- swap ----------------------------------------------------------------------------------
     def can_swap_out(self, seq: Sequence) -> bool:
-        return len(seq.block_table) <= len(self.free_host_pages)
+        return sum(p != NULL_PAGE for p in seq.block_table) <= len(self.free_host_pages)
 
     def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
         """Move the table to host pages: returns (device page, host page) pairs to copy; the device
         pages are released as in `free`."""
-        host = [self.free_host_pages.pop() for _ in seq.block_table]
-        moves = list(zip(seq.block_table, host))
+        host = [RELEASED if p == NULL_PAGE else self.free_host_pages.pop()
+                for p in seq.block_table]
+        moves = [(p, h) for p, h in zip(seq.block_table, host) if h != RELEASED]
         self.free(seq)
         seq.host_block_table = host
         return moves
 
     def can_swap_in(self, seq: Sequence) -> bool:
-        return len(seq.host_block_table) <= len(self.free_pages)
+        return sum(h != RELEASED for h in seq.host_block_table) <= len(self.free_pages)
 
     def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
         """Bring a swapped table back to fresh device pages: (host page, device page) pairs."""
-        seq.block_table = [self._take() for _ in seq.host_block_table]
-        moves = list(zip(seq.host_block_table, seq.block_table))
-        self.free_host_pages.extend(reversed(seq.host_block_table))
-        seq.host_block_table = []
+        seq.block_table = [NULL_PAGE if h == RELEASED else self._take()
+                           for h in seq.host_block_table]
+        moves = [(h, p) for h, p in zip(seq.host_block_table, seq.block_table) if h != RELEASED]
+        self.drop_host_pages(seq)
         return moves
 
     def drop_host_pages(self, seq: Sequence) -> None:
-        self.free_host_pages.extend(reversed(seq.host_block_table))
+        self.free_host_pages.extend(h for h in reversed(seq.host_block_table) if h != RELEASED)
         seq.host_block_table = []
 
     def all_free(self) -> bool:

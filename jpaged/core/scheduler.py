@@ -45,7 +45,10 @@ __all__ = ["Scheduler", "SchedulerOutput", "ScheduledSeq", "StepResult", "SeqUpd
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  preemption_mode: str = "recompute", *, eos_token_ids: tuple[int, ...] = (),
-                 max_model_len: int | None = None, stats: Stats | None = None):
+                 max_model_len: int | None = None, stats: Stats | None = None,
+                 sliding_window: int | None = None):
+        """`sliding_window`: the window every layer of the model shares, if one does; pages behind
+        it are released as sequences advance (BlockManager.release_before)."""
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode={preemption_mode!r} is not one of {PREEMPTION_MODES}")
         self.block_manager = block_manager
@@ -54,6 +57,7 @@ class Scheduler:
         self.preemption_mode = preemption_mode
         self.eos_token_ids = tuple(eos_token_ids)   # stop a sequence (unless ignore_eos)
         self.max_model_len = max_model_len
+        self.sliding_window = sliding_window
         self.stats = stats or block_manager.stats
         self.requests: dict[str, Request] = {}     # the registry of live requests
         self.waiting: deque[Sequence] = deque()
@@ -260,6 +264,9 @@ class Scheduler:
                 _record_prompt_logprobs(seq, row, result.prompt_logprobs[i])
             seq.num_computed_tokens += row.num_new_tokens
             self.block_manager.commit(seq)
+            if self.sliding_window is not None:   # the next token sees positions > its own - W
+                self.block_manager.release_before(
+                    seq, seq.num_computed_tokens - self.sliding_window + 1)
             if not row.samples:
                 continue
             if request.beam is not None:          # candidates only: the selection appends

@@ -89,6 +89,13 @@ class EngineConfig:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
 
 
+def _shared_window(config) -> int | None:
+    """The sliding window every layer has, if they share one (Mistral-style): the scheduler then
+    releases the pages behind it; None when some layer attends to its whole context."""
+    windows = set(config.layer_windows())
+    return windows.pop() if len(windows) == 1 else None
+
+
 class LLMEngine:
     def __init__(self, checkpoint, config: EngineConfig | None = None):
         config = config or EngineConfig()
@@ -137,7 +144,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.preemption_mode,
                                    eos_token_ids=eos_token_ids, max_model_len=self.max_model_len,
-                                   stats=self._stats)
+                                   stats=self._stats, sliding_window=_shared_window(mc))
         buckets = BucketPolicy(max_num_seqs=config.max_num_seqs,
                                max_num_batched_tokens=config.max_num_batched_tokens,
                                max_model_len=self.max_model_len, page_size=config.page_size)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from jpaged.core.block_manager import NULL_PAGE, BlockManager, page_key
+from jpaged.core.block_manager import NULL_PAGE, RELEASED, BlockManager, page_key
 from jpaged.core.sequence import Sequence
 from jpaged.sampling_params import SamplingParams
 
@@ -185,6 +185,30 @@ def test_swap_out_and_in_move_exact_pages():
     assert bm.all_free()
 
 
+def test_pages_behind_a_sliding_window_are_released():
+    """release_before gives back the pages holding only positions before the window: their
+    entries become the null page; forks, copy-on-write, swap and free skip them."""
+    bm = BlockManager(num_pages=10, page_size=4, enable_prefix_caching=False, num_host_pages=4)
+    a = make_seq(14)
+    assert bm.allocate(a, 14) and a.block_table == [1, 2, 3, 4]
+    bm.release_before(a, 7)                    # positions 0..6 unseen: page 1 (0..3) only
+    assert a.block_table == [NULL_PAGE, 2, 3, 4] and bm.refcounts[:5] == [0, 0, 1, 1, 1]
+    assert list(bm.free_pages)[-1] == 1
+    child = make_seq(14)
+    bm.fork(a, child)
+    assert child.block_table == [NULL_PAGE, 2, 3, 4] and bm.refcounts[:5] == [0, 0, 2, 2, 2]
+    bm.release_before(a, 12)                   # pages 2, 3 (positions 4..11): still the child's
+    assert a.block_table == [NULL_PAGE] * 3 + [4] and bm.refcounts[:5] == [0, 0, 1, 1, 2]
+    assert bm.make_writable(a, 14, 15) == [(4, 5)]        # the shared last page, copied
+    bm.free(child)
+    assert bm.refcounts[:6] == [0, 0, 0, 0, 0, 1]
+    assert bm.swap_out(a) == [(5, 3)] and a.host_block_table == [RELEASED] * 3 + [3]
+    assert bm.swap_in(a) == [(3, 6)] and a.block_table == [NULL_PAGE] * 3 + [6]
+    assert bm.free_host_pages == [0, 1, 2, 3]
+    bm.free(a)
+    assert bm.all_free()
+
+
 class BlockManagerMachine(RuleBasedStateMachine):
     """Random allocate / append / fork / copy-on-write / free / commit / match / evict / swap
     sequences keep every refcount equal to the number of tables holding the page, never a page
@@ -231,6 +255,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
         self.live.append(child)
 
     @precondition(lambda self: self.live)
+    @rule(index=st.integers(0, 100), position=st.integers(0, 12))
+    def release_behind_window(self, index, position):
+        seq = self.live[index % len(self.live)]
+        self.bm.release_before(seq, min(position, seq.num_computed_tokens))
+
+    @precondition(lambda self: self.live)
     @rule(index=st.integers(0, 100))
     def free(self, index):
         self.bm.free(self.live.pop(index % len(self.live)))
@@ -262,12 +292,12 @@ class BlockManagerMachine(RuleBasedStateMachine):
         held = [0] * self.bm.num_pages
         for seq in self.live:
             for page in seq.block_table:
-                held[page] += 1
+                held[page] += page != NULL_PAGE           # released behind a window
         assert held == self.bm.refcounts
         assert held[NULL_PAGE] == 0
         assert not any(held[page] for page in self.bm.free_pages)
         assert len(self.bm.free_pages) == sum(1 for h in held[1:] if h == 0)
-        host = [p for seq in self.swapped for p in seq.host_block_table]
+        host = [p for seq in self.swapped for p in seq.host_block_table if p != RELEASED]
         assert len(host) == len(set(host)) and not set(host) & set(self.bm.free_host_pages)
         assert len(host) + len(self.bm.free_host_pages) == self.bm.num_host_pages
         for page, (key, tokens) in self.bm.page_keys.items():

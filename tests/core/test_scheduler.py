@@ -389,3 +389,22 @@ class SchedulerMachine(RuleBasedStateMachine):
 
 TestSchedulerMachine = SchedulerMachine.TestCase
 TestSchedulerMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_pages_behind_a_shared_sliding_window_are_released_as_sequences_advance():
+    """Every layer attends within 4 positions: after each step the pages holding only positions
+    the next token cannot see become the null page, and go back to the free list."""
+    bm = BlockManager(num_pages=8, page_size=4, enable_prefix_caching=False)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=8, sliding_window=4)
+    a = make_request("a", 10)
+    sched.add_request(a)
+    seq = a.seqs[0]
+    step(sched)                                 # positions 0..7 prefilled: the next sees 5..8
+    assert seq.block_table == [0, 2] and bm.refcounts[:3] == [0, 0, 1]
+    step(sched)                                 # 8, 9, then a token: the next (10) sees 7..10
+    assert seq.block_table == [0, 2, 3] and seq.num_computed_tokens == 10
+    step(sched)                                 # the next (11) sees 8..11: page 2 (4..7) goes
+    assert seq.block_table == [0, 0, 3] and bm.refcounts[:4] == [0, 0, 0, 1]
+    assert bm.num_free_pages == 6
+    sched.abort_request("a")
+    assert bm.all_free()

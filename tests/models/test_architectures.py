@@ -27,7 +27,8 @@ from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.checkpoint.loader import load_checkpoint  # noqa: E402
 from jpaged.generation import generate  # noqa: E402
 from test_llama_parity import Batch, run_hf, run_jpaged  # noqa: E402
-from tiny_archs import ARCHS, FULL, PHI3_ORIGINAL_CONTEXT, SLIDING, VOCAB, build_hf_model  # noqa: E402
+from tiny_archs import (ARCHS, FULL, PHI3_ORIGINAL_CONTEXT, SLIDING, VOCAB, build_hf,  # noqa: E402
+                        build_hf_model)
 
 REL_TOLERANCE = 1e-4
 MAX_NEW = 32
@@ -195,3 +196,23 @@ def test_phi3_longrope_factors_follow_max_model_len(tmp_path, max_model_len):
     assert max(errors) <= REL_TOLERANCE, errors
     other = with_max_model_len(checkpoint, 3 * PHI3_ORIGINAL_CONTEXT - max_model_len)
     assert max(relative_errors(run_hf(hf, batch), run_jpaged(other, batch))) > 1e-2
+
+
+def test_mistral_style_window_releases_the_pages_behind_it(tmp_path, hf_greedy_batch):
+    """Every layer windowed (Mistral, window 8): the engine releases the pages behind the window,
+    so two 50-token prompts with 32 new tokens each (22 pages of 8) run in 12 pages without a
+    preemption, with HF's greedy tokens, and every page is free after."""
+    hf = build_hf("MistralConfig", dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=8,
+        max_position_embeddings=4096), tmp_path, seed=9)
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(3, VOCAB, 50).tolist() for _ in range(2)]
+    llm = LLM(str(tmp_path), dtype="float32", page_size=8, num_pages=13, max_model_len=96,
+              max_num_seqs=2, max_num_batched_tokens=16, enable_prefix_caching=False)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == hf_greedy_batch(hf, prompts, MAX_NEW)
+    assert llm.stats().num_preemptions == 0
+    bm = llm.llm_engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages and not any(bm.refcounts)

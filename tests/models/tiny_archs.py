@@ -84,14 +84,19 @@ ARCHS = {
 
 def build_hf_model(arch: str, path, seed: int = 0, **overrides):
     """The tiny random HF model of `arch`, saved as safetensors into `path`; returns it (eval)."""
+    config_class, kwargs, _ = ARCHS[arch]
+    return build_hf(config_class, {**kwargs, **overrides}, path, seed)
+
+
+def build_hf(config_class: str, kwargs: dict, path, seed: int = 0):
+    """A random HF model of a transformers config class (see the module docstring), saved."""
     import torch
     import transformers
-    config_class, kwargs, _ = ARCHS[arch]
-    config = getattr(transformers, config_class)(**{**kwargs, **overrides})
+    config = getattr(transformers, config_class)(**kwargs)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model = model.float().eval()
     gen = torch.Generator().manual_seed(seed)
-    unit = 0.0 if arch.startswith("gemma") else 1.0          # Gemma norms multiply by (1 + w)
+    unit = 0.0 if config_class.startswith("Gemma") else 1.0  # Gemma norms multiply by (1 + w)
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=gen)
