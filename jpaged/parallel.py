@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jpaged.config import ModelConfig
 from jpaged.models import AttentionFns, KVCache
+from jpaged.models.kv_cache import float8_pages
 
 logger = logging.getLogger("jpaged")
 AXIS = "tp"
@@ -253,14 +254,19 @@ class TensorParallel:
                                     self.config.num_kv_heads)
         return place(params, self.param_shardings(params))
 
-    def cache_sharding(self) -> KVCache:
+    def cache_sharding(self, kv_cache_dtype: str = "auto") -> KVCache:
+        """By KV head: the pages [L, K', P, S, H], and a quantized cache's scales [L, K', P, S]."""
         by_head = NamedSharding(self.mesh, PartitionSpec(None, AXIS))
-        return KVCache(by_head, by_head)
+        if kv_cache_dtype == "auto":
+            return KVCache(by_head, by_head)
+        return KVCache(by_head, by_head, by_head, by_head, float8_pages(kv_cache_dtype))
 
-    def zeros_cache(self, num_pages: int, page_size: int, dtype) -> KVCache:
+    def zeros_cache(self, num_pages: int, page_size: int, dtype,
+                    kv_cache_dtype: str = "auto") -> KVCache:
         """A zero KV cache [L, K', P, S, H] created in its shards (no full copy on any device)."""
-        make = jax.jit(lambda: KVCache.zeros(self.model_config, num_pages, page_size, dtype),
-                       out_shardings=self.cache_sharding())
+        make = jax.jit(lambda: KVCache.zeros(self.model_config, num_pages, page_size, dtype,
+                                             kv_cache_dtype),
+                       out_shardings=self.cache_sharding(kv_cache_dtype))
         return make()
 
     def wrap_attention(self, fns: AttentionFns) -> AttentionFns:
@@ -282,7 +288,8 @@ class TensorParallel:
             names = list(arrays)
             pages = PartitionSpec(AXIS) if layer is None else PartitionSpec(None, AXIS)
             specs = (PartitionSpec(None, AXIS), pages, pages) + tuple(
-                PartitionSpec(AXIS) if k == "sinks" else PartitionSpec() for k in names)
+                PartitionSpec(AXIS) if k == "sinks" else
+                pages if k in ("k_scale", "v_scale") else PartitionSpec() for k in names)
 
             def body(q, k_pages, v_pages, *rest):
                 options = dict(zip(names, rest[:len(names)]))
@@ -315,11 +322,11 @@ class TensorParallel:
                               out_specs=PartitionSpec())(leaves, w.layer, x)
         return call
 
-    def step_shardings(self, params):
+    def step_shardings(self, params, kv_cache_dtype: str = "auto"):
         """(in_shardings, out_shardings) of the engine's step(params, kv_cache, batch): the batch's
         small int32 arrays, the logits and the prompt log-probs replicated, the donated cache kept
         by KV head."""
-        cache = self.cache_sharding()
+        cache = self.cache_sharding(kv_cache_dtype)
         return (jax.tree.map(lambda a: a.sharding, params), cache, self.replicated), \
             (self.replicated, cache, self.replicated)
 

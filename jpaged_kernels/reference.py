@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 # Finite "minus infinity": fully masked rows (padding tokens) then give exp(...) == 0, never NaN.
 _MASK_VALUE = -1e30
@@ -41,17 +42,23 @@ _ELEMENTWISE_ROWS = 8
 
 
 def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, layer=None,
-                    sliding_window=None, soft_cap=None, sinks=None, interpret=False):
+                    sliding_window=None, soft_cap=None, sinks=None, k_scale=None, v_scale=None,
+                    fp8_dtype=None, interpret=False):
     """Decode attention: one new token per sequence.
 
     q [B, N, H]; k_pages/v_pages [K, num_pages, S, H] (or [L, K, num_pages, S, H] with `layer`);
     block_tables [B, P] int32; context_lens [B] int32 (tokens to attend to, the current one included;
-    0 for a padding slot, whose output is 0). Returns [B, N, H]. `interpret` is accepted for
-    signature parity with the Pallas kernels.
+    0 for a padding slot, whose output is 0). Returns [B, N, H]. A quantized cache (int8 or fp8
+    pages) comes with k_scale/v_scale [K, num_pages, S] (or [L, ...]): a token's K is
+    k_pages * k_scale for its KV head (write_kv). `fp8_dtype`: the pages are uint8 holding the bit
+    patterns of this float8 type (as the engine stores them: see as_bits). `interpret` is accepted
+    for signature parity
+    with the Pallas kernels.
     """
     del interpret
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+        k_scale, v_scale = _lead(k_scale), _lead(v_scale)
     block_tables, context_lens = jnp.asarray(block_tables), jnp.asarray(context_lens)
     _check_shapes(q, k_pages, block_tables, context_lens, None)
     num_seqs, num_heads, head_dim = q.shape
@@ -61,15 +68,16 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=No
     qw = q.reshape(num_seqs, num_kv_heads, group, head_dim)                         # [B, K, G, H]
     row_pos = jnp.broadcast_to((context_lens - 1)[:, None], (num_seqs, group))      # [B, G]
     row_valid = jnp.broadcast_to((context_lens > 0)[:, None], (num_seqs, group))    # [B, G]
-    out = _attend(qw, k_pages, v_pages, layer, block_tables, row_pos, row_valid, scale=scale,
-                  sliding_window=sliding_window, soft_cap=soft_cap,
+    out = _attend(qw, (k_pages, k_scale, fp8_dtype), (v_pages, v_scale, fp8_dtype), layer,
+                  block_tables, row_pos,
+                  row_valid, scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   sinks=_row_sinks(sinks, num_kv_heads, group, 1))                 # [B, K, G, H]
     return out.reshape(num_seqs, num_heads, head_dim).astype(q.dtype)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale=None, layer=None, sliding_window=None, soft_cap=None, sinks=None,
-                           interpret=False):
+                           k_scale=None, v_scale=None, fp8_dtype=None, interpret=False):
     """Attention for a ragged batch of prefill chunks and decode tokens.
 
     q [T, N, H]; block_tables [B, P]; context_lens [B] (KV length including the new tokens);
@@ -81,10 +89,12 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     _window_size); a window gathers its sequence's pages once and attends with matrix products
     [Q*G, H] x [H, C]. So K/V traffic grows with windows x context (about T/Q + B windows), not
     with tokens x context as a per-token gather would.
+    A quantized cache: as in paged_attention.
     """
     del interpret
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+        k_scale, v_scale = _lead(k_scale), _lead(v_scale)
     block_tables, context_lens, query_start_loc = map(jnp.asarray, (block_tables, context_lens,
                                                                     query_start_loc))
     _check_shapes(q, k_pages, block_tables, context_lens, query_start_loc)
@@ -96,7 +106,8 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
     num_win, rows = win.row_token.shape
     qw = q_win.reshape(num_win, rows, num_kv_heads, group, head_dim).transpose(0, 2, 1, 3, 4)
     qw = qw.reshape(num_win, num_kv_heads, rows * group, head_dim)                  # [W, K, Q*G, H]
-    out = _attend(qw, k_pages, v_pages, layer, block_tables[win.seq],
+    out = _attend(qw, (k_pages, k_scale, fp8_dtype), (v_pages, v_scale, fp8_dtype), layer,
+                  block_tables[win.seq],
                   jnp.repeat(win.row_pos, group, axis=1), jnp.repeat(win.row_valid, group, axis=1),
                   scale=scale, sliding_window=sliding_window, soft_cap=soft_cap,
                   sinks=_row_sinks(sinks, num_kv_heads, group, rows))
@@ -156,13 +167,14 @@ def _attend(qw, k_pages, v_pages, layer, tables, row_pos, row_valid, *, scale, s
             soft_cap, sinks=None):
     """Each window w attends, row by row, to positions <= row_pos[w, r] of the pages in tables[w].
 
-    qw [W, K, R, H] (R query rows per KV head); pages [L, K, num_pages, S, H]; tables [W, P];
+    qw [W, K, R, H] (R query rows per KV head); k_pages, v_pages: (pages [L, K, num_pages, S, H],
+    their scales [L, K, num_pages, S] or None, fp8_dtype or None); tables [W, P];
     row_pos, row_valid [W, R]; sinks [K, R] or None. Returns [W, K, R, H] float32 (invalid rows:
     0). Online softmax over chunks of pages, so neither the gathered K/V nor the scores exceed
     _CHUNK_ELEMENTS; a sink starts each row's running max and sum (m = sink, l = 1).
     """
     num_win, num_kv_heads, rows, head_dim = qw.shape
-    page_size = k_pages.shape[3]
+    page_size = k_pages[0].shape[3]
     pages_per_seq = tables.shape[1]
     scale = head_dim ** -0.5 if scale is None else scale
     qw = qw.astype(jnp.float32) * scale
@@ -228,33 +240,84 @@ def _attend(qw, k_pages, v_pages, layer, tables, row_pos, row_valid, *, scale, s
     return acc / jnp.maximum(l, 1e-30)[..., None]
 
 
-def write_kv(k_cache, v_cache, k, v, slot_mapping, *, layer=None):
+def write_kv(k_cache, v_cache, k, v, slot_mapping, *, layer=None, k_scale=None, v_scale=None,
+             fp8_dtype=None):
     """Write new tokens' K/V into their pages (an XLA scatter; in place when the cache is donated).
 
     k_cache/v_cache [K, num_pages, S, H] (or [L, K, num_pages, S, H] with `layer`); k, v [T, K, H];
-    slot_mapping [T] int32. Padding tokens carry slots inside the null page 0.
+    slot_mapping [T] int32. Padding tokens carry slots inside the null page 0. A quantized cache
+    (int8 or float8 pages) passes its scales [K, num_pages, S] (or [L, ...]): each token's K (and
+    V) of each KV head is stored as q = k / scale with scale = max|k| / (the type's largest value),
+    and (k_cache, v_cache, k_scale, v_scale) come back. `fp8_dtype`: uint8 pages holding that
+    float8 type's bit patterns (as_bits).
     """
     page_size = k_cache.shape[-2]
     page, offset = slot_mapping // page_size, slot_mapping % page_size
-    if layer is None:
-        return (k_cache.at[:, page, offset].set(jnp.swapaxes(k, 0, 1).astype(k_cache.dtype)),
-                v_cache.at[:, page, offset].set(jnp.swapaxes(v, 0, 1).astype(v_cache.dtype)))
-    # Advanced indices split by a slice: the indexed result is laid out [T, K, H].
-    return (k_cache.at[layer, :, page, offset].set(k.astype(k_cache.dtype)),
-            v_cache.at[layer, :, page, offset].set(v.astype(v_cache.dtype)))
+    caches = [(k_cache, k, k_scale), (v_cache, v, v_scale)]
+    out = []
+    for cache, new, scales in caches:
+        if scales is not None:
+            new, factor = quantize_kv(new, fp8_dtype or cache.dtype, scales.dtype)  # [T, K, H], [T, K]
+        new = as_bits(new) if fp8_dtype is not None else new.astype(cache.dtype)
+        if layer is None:
+            cache = cache.at[:, page, offset].set(jnp.swapaxes(new, 0, 1))
+            if scales is not None:
+                scales = scales.at[:, page, offset].set(factor.T.astype(scales.dtype))
+        else:  # advanced indices split by a slice: the indexed result is laid out [T, K, H]
+            cache = cache.at[layer, :, page, offset].set(new)
+            if scales is not None:
+                scales = scales.at[layer, :, page, offset].set(factor.astype(scales.dtype))
+        out.append((cache, scales))
+    (k_cache, k_scale), (v_cache, v_scale) = out
+    return (k_cache, v_cache) if k_scale is None else (k_cache, v_cache, k_scale, v_scale)
 
 
-def _gather_pages(pages, layer, page_ids):
-    """pages [L, K, num_pages, S, H], page_ids [W, ppc] -> [W, K, ppc * S, H] in one gather.
+def quantize_kv(x, dtype, scale_dtype=jnp.float16):
+    """x [..., H] float -> (q [..., H] in `dtype` (int8 or a float8), scale [...] in scale_dtype)
+    with x ~ q * scale: per vector (one token's K or V of one KV head), max |x| maps to the type's
+    largest finite value (the scale rounded to its own type first, so q matches it exactly)."""
+    top = float(jnp.iinfo(dtype).max if jnp.issubdtype(dtype, jnp.integer) else jnp.finfo(dtype).max)
+    x = x.astype(jnp.float32)
+    scale = (jnp.max(jnp.abs(x), axis=-1) / top).astype(scale_dtype).astype(jnp.float32)
+    scale = jnp.where(scale == 0, 1.0, scale)
+    q = x / scale[..., None]
+    if jnp.issubdtype(dtype, jnp.integer):
+        q = jnp.clip(jnp.round(q), -top, top)
+    return q.astype(dtype), scale.astype(scale_dtype)
+
+
+def as_bits(x):
+    """A float8 array as uint8 bit patterns: how the engine stores a float8 KV cache.
+
+    NOTE: XLA:CPU has no float8 scatter or gather: around one it converts the whole operand to
+    float16 and back (measured: 0.8 s per step for a 1 GiB cache), and a bitcast of the whole
+    cache is a copy too. So the pages stay uint8, and only the gathered tiles are bitcast."""
+    return lax.bitcast_convert_type(x, jnp.uint8)
+
+
+def _gather_pages(pages_and_scales, layer, page_ids):
+    """(pages [L, K, num_pages, S, H], scales [L, K, num_pages, S] or None, fp8_dtype or None),
+    page_ids [W, ppc] ->
+    [W, K, ppc * S, H] in one gather (float32, dequantized when there are scales).
 
     All indices are advanced and adjacent, so the gather lands directly in [W, K, ppc, S, H]: the
     einsums that follow then have their batch dims (W, K) leading and need no transpose copy.
     """
+    pages, scales, fp8_dtype = pages_and_scales
     num_kv_heads = pages.shape[1]
     kv_head = jnp.arange(num_kv_heads, dtype=jnp.int32)[None, :, None]               # [1, K, 1]
     g = pages[layer, kv_head, page_ids[:, None, :]]                                    # [W, K, ppc, S, H]
+    if fp8_dtype is not None:
+        g = lax.bitcast_convert_type(g, fp8_dtype)
+    if scales is not None:
+        g = g.astype(jnp.float32) * scales[layer, kv_head, page_ids[:, None, :]][..., None].astype(
+            jnp.float32)
     t, k, ppc, s, h = g.shape
     return g.reshape(t, k, ppc * s, h)
+
+
+def _lead(scales):
+    return None if scales is None else scales[None]
 
 
 def _pages_per_chunk(per_page, pages_per_seq):

@@ -11,7 +11,11 @@ Every kernel takes the whole KV cache as one `[L, K, num_pages, S, H]` ref (one 
 The sliding window comes the same way, as `window_ref[0]` (it may differ per layer, traced), with
 the static flag `windowed` saying whether there is one; blocks wholly before the window are never
 loaded. Attention sinks ([N] float32, reference.py) start each row's online softmax at m = sink,
-l = 1 (the ragged kernel) or join the split merge (the decode kernel).
+l = 1 (the ragged kernel) or join the split merge (the decode kernel). A quantized cache (int8 or
+float8 pages, static flag `quantized`) comes with scale refs [L, K, num_pages, S], one per token and
+KV head: the tile is converted to q's dtype as loaded and the scales multiply the scores' columns
+(K) and the probabilities' columns (V), [R, BK] products instead of [BK, Hp] ones. Float8 pages
+may come as uint8 bit patterns with the static `fp8_dtype` (how the engine stores them).
 
 NOTE (indexing rules that both the Triton lowering and interpret mode accept):
   * a ref is indexed once, by scalars and integer arrays only (interpret mode rejects arrays mixed
@@ -77,10 +81,11 @@ def clamp_lane(lane, head_dim):
     return lane if padded_head_dim(head_dim) == head_dim else jnp.minimum(lane, head_dim - 1)
 
 
-def load_kv_tile(pages_ref, layer, kv_head, page_ids, token_ok, head_dim):
+def load_kv_tile(pages_ref, layer, kv_head, page_ids, token_ok, head_dim, fp8_dtype=None):
     """pages_ref [L, K, num_pages, S, H]; page_ids [ppb] (clamped); token_ok [ppb, S] -> [BK, Hp].
 
     Tokens outside `token_ok` and head-dim lanes past H read as 0 and cost no memory traffic.
+    `fp8_dtype`: the pages are uint8 bit patterns of that float8 type (bitcast as loaded).
     """
     num_pages_per_block, page_size = token_ok.shape
     padded_dim = padded_head_dim(head_dim)
@@ -88,8 +93,19 @@ def load_kv_tile(pages_ref, layer, kv_head, page_ids, token_ok, head_dim):
     slot = jnp.arange(page_size, dtype=jnp.int32)[None, :, None]
     mask = token_ok[:, :, None] & (lane < head_dim)
     index = (layer, kv_head, page_ids[:, None, None], slot, clamp_lane(lane, head_dim))
-    tile = load(pages_ref.at[index], mask=mask, other=0)
+    tile = load(pages_ref.at[index], mask=mask, other=jnp.zeros((), pages_ref.dtype))
+    if fp8_dtype is not None:
+        tile = lax.bitcast_convert_type(tile, fp8_dtype)
     return tile.reshape(num_pages_per_block * page_size, padded_dim)
+
+
+def load_scale_tile(scale_ref, layer, kv_head, page_ids, token_ok):
+    """scale_ref [L, K, num_pages, S]; page_ids [ppb]; token_ok [ppb, S] -> [BK] float32 (0 where
+    not token_ok)."""
+    num_pages_per_block, page_size = token_ok.shape
+    slot = jnp.arange(page_size, dtype=jnp.int32)[None, :]
+    tile = load(scale_ref.at[layer, kv_head, page_ids[:, None], slot], mask=token_ok, other=0)
+    return tile.astype(jnp.float32).reshape(num_pages_per_block * page_size)
 
 
 def window_start(first_pos, window):
@@ -114,18 +130,38 @@ def sinks_input(sinks, num_heads):
     return True, jnp.asarray(sinks, jnp.float32)
 
 
+def scales_input(k_scale, v_scale, k_pages, layer):
+    """(quantized, k_scale, v_scale) as [L, K, num_pages, S] refs (dummy [1, 1, 1, 1] float16
+    arrays when the cache is not quantized), checked against the pages (before `layered`)."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("k_scale and v_scale come together (a quantized cache has both); got "
+                         f"only {'k_scale' if v_scale is None else 'v_scale'}")
+    if k_scale is None:
+        dummy = jnp.ones((1, 1, 1, 1), jnp.float16)
+        return False, dummy, dummy
+    if k_scale.shape != k_pages.shape[:-1] or v_scale.shape != k_pages.shape[:-1]:
+        raise ValueError(f"k_scale and v_scale must be the pages' shape without H, "
+                         f"{k_pages.shape[:-1]}; got {k_scale.shape} and {v_scale.shape}")
+    if layer is None:
+        k_scale, v_scale = k_scale[None], v_scale[None]
+    return True, k_scale, v_scale
+
+
 def attend_pages(q, row_pos, row_ok, k_ref, v_ref, table_ref, seq, layer, kv_head, block_lo,
                  block_hi, kv_start, kv_end, *, pages_per_block, scale, soft_cap, sliding_window,
-                 head_dim, init_m=None):
+                 head_dim, init_m=None, k_scale_ref=None, v_scale_ref=None, fp8_dtype=None):
     """Online softmax of q rows over KV blocks [block_lo, block_hi) of sequence `seq`.
 
     q [R, Hp]; row_pos [R] (position of each query row); row_ok [R]; table_ref [B, P].
     KV positions outside [kv_start, kv_end) are not read. Row r attends to positions p with
     p <= row_pos[r] (and p > row_pos[r] - sliding_window, a traced scalar or None).
     `init_m` [R]: attention sinks (the running max starts there and the sum at 1).
+    `k_scale_ref`/`v_scale_ref` [L, K, num_pages, S]: a quantized cache's scales; `fp8_dtype`: its
+    pages are uint8 bit patterns of that float8 type.
     Returns (acc [R, Hp], m [R], l [R]) f32.
     """
     num_rows, padded_dim = q.shape
+    quantized = k_scale_ref is not None
     num_table_pages = table_ref.shape[1]
     num_pages, page_size = k_ref.shape[2], k_ref.shape[3]
     block_tokens = pages_per_block * page_size
@@ -140,10 +176,14 @@ def attend_pages(q, row_pos, row_ok, k_ref, v_ref, table_ref, seq, layer, kv_hea
         kv_pos = (page_idx[:, None] * page_size
                   + jnp.arange(page_size, dtype=jnp.int32)[None, :])               # [ppb, S]
         token_ok = (kv_pos >= kv_start) & (kv_pos < kv_end) & in_table[:, None]
-        k = load_kv_tile(k_ref, layer, kv_head, page_ids, token_ok, head_dim)       # [BK, Hp]
-        v = load_kv_tile(v_ref, layer, kv_head, page_ids, token_ok, head_dim)
+        k = load_kv_tile(k_ref, layer, kv_head, page_ids, token_ok, head_dim, fp8_dtype)  # [BK, Hp]
+        v = load_kv_tile(v_ref, layer, kv_head, page_ids, token_ok, head_dim, fp8_dtype)
+        if quantized:
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
 
         s = dot(q, k, trans_b=True) * scale                                         # [R, BK]
+        if quantized:
+            s = s * load_scale_tile(k_scale_ref, layer, kv_head, page_ids, token_ok)[None, :]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         pos = block * block_tokens + jnp.arange(block_tokens, dtype=jnp.int32)      # [BK]
@@ -155,6 +195,8 @@ def attend_pages(q, row_pos, row_ok, k_ref, v_ref, table_ref, seq, layer, kv_hea
         p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
         correction = jnp.exp(m - m_new)
         l = l * correction + p.sum(axis=1)
+        if quantized:       # the V scales weigh the probabilities (l keeps the plain sum)
+            p = p * load_scale_tile(v_scale_ref, layer, kv_head, page_ids, token_ok)[None, :]
         acc = acc * correction[:, None] + dot(p.astype(v.dtype), v)
         return acc, m_new, l
 

@@ -28,12 +28,15 @@ def paged_attention_kernel(
     q_ref,        # [B, N, H]
     k_ref,        # [L, K, num_pages, S, H]
     v_ref,        # [L, K, num_pages, S, H]
+    k_scale_ref,  # [L, K, num_pages, S] (read when quantized)
+    v_scale_ref,  # [L, K, num_pages, S] (read when quantized)
     table_ref,    # [B, P] int32
     lens_ref,     # [B] int32
     acc_ref,      # [R, Hp] f32 block of [B, K, num_splits, R, Hp]
     m_ref,        # [R] f32 block of [B, K, num_splits, R]
     l_ref,        # [R] f32 block of [B, K, num_splits, R]
-    *, group, head_dim, blocks_per_split, pages_per_block, scale, soft_cap, windowed,
+    *, group, head_dim, blocks_per_split, pages_per_block, scale, soft_cap, windowed, quantized,
+    fp8_dtype,
 ):
     seq, kv_head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_rows, padded_dim = acc_ref.shape
@@ -56,14 +59,17 @@ def paged_attention_kernel(
     acc, m, l = tc.attend_pages(
         q, row_pos, row_ok, k_ref, v_ref, table_ref, seq, layer_ref[0], kv_head, block_lo,
         block_hi, kv_start, length, pages_per_block=pages_per_block, scale=scale,
-        soft_cap=soft_cap, sliding_window=window, head_dim=head_dim)
+        soft_cap=soft_cap, sliding_window=window, head_dim=head_dim,
+        k_scale_ref=k_scale_ref if quantized else None,
+        v_scale_ref=v_scale_ref if quantized else None, fp8_dtype=fp8_dtype)
     acc_ref[...] = acc
     m_ref[...] = m
     l_ref[...] = l
 
 
-def _launch(q, k_pages, v_pages, layer, window, block_tables, context_lens, *, scale, soft_cap,
-            windowed, pages_per_block, num_splits, num_warps, num_stages, interpret):
+def _launch(q, k_pages, v_pages, k_scale, v_scale, layer, window, block_tables, context_lens, *,
+            scale, soft_cap, windowed, quantized, fp8_dtype, pages_per_block, num_splits,
+            num_warps, num_stages, interpret):
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[1]
     group = num_heads // num_kv_heads
@@ -73,13 +79,14 @@ def _launch(q, k_pages, v_pages, layer, window, block_tables, context_lens, *, s
 
     kernel = functools.partial(
         paged_attention_kernel, group=group, head_dim=head_dim, blocks_per_split=blocks_per_split,
-        pages_per_block=pages_per_block, scale=scale, soft_cap=soft_cap, windowed=windowed)
+        pages_per_block=pages_per_block, scale=scale, soft_cap=soft_cap, windowed=windowed,
+        quantized=quantized, fp8_dtype=fp8_dtype)
     whole = pl.BlockSpec()
     partial_shape = (num_seqs, num_kv_heads, num_splits, num_rows)
     return pl.pallas_call(
         kernel,
         grid=(num_seqs, num_kv_heads, num_splits),
-        in_specs=[whole] * 7,
+        in_specs=[whole] * 9,
         out_specs=[
             pl.BlockSpec((None, None, None, num_rows, padded_dim), lambda b, k, s: (b, k, s, 0, 0)),
             pl.BlockSpec((None, None, None, num_rows), lambda b, k, s: (b, k, s, 0)),
@@ -93,7 +100,7 @@ def _launch(q, k_pages, v_pages, layer, window, block_tables, context_lens, *, s
         compiler_params=tc.compiler_params(num_warps, num_stages),
         interpret=interpret,
         name=f"jpaged_paged_attention_R{num_rows}_H{padded_dim}_ppb{pages_per_block}",
-    )(layer, window, q, k_pages, v_pages, block_tables, context_lens)
+    )(layer, window, q, k_pages, v_pages, k_scale, v_scale, block_tables, context_lens)
 
 
 def combine_splits(acc, m, l, *, group, head_dim, sinks=None):
@@ -120,17 +127,21 @@ def default_num_splits(num_seqs, num_kv_heads, num_blocks, target_programs=512):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "soft_cap", "pages_per_block", "num_splits", "num_warps", "num_stages", "interpret"))
+    "scale", "soft_cap", "fp8_dtype", "pages_per_block", "num_splits", "num_warps", "num_stages",
+    "interpret"))
 def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=None, layer=None,
-                    sliding_window=None, soft_cap=None, sinks=None, pages_per_block=None,
-                    num_splits=None, num_warps=4, num_stages=2, interpret=False):
+                    sliding_window=None, soft_cap=None, sinks=None, k_scale=None, v_scale=None,
+                    fp8_dtype=None, pages_per_block=None, num_splits=None, num_warps=4,
+                    num_stages=2, interpret=False):
     """Decode attention over a paged KV cache; same contract as `reference.paged_attention`.
 
     q [B, N, H]; k_pages/v_pages [K, num_pages, S, H], or [L, K, num_pages, S, H] with `layer`
     (a scalar, may be traced: the kernel reads that layer in place); block_tables [B, P] int32;
     context_lens [B] int32 in 1..P*S. `sliding_window` (int or traced scalar) and `sinks` [N] as
-    in reference.py. Returns [B, N, H] in q's dtype. `pages_per_block` (power of two) and
-    `num_splits` default to a heuristic; `interpret=True` runs on CPU.
+    in reference.py; a quantized cache (int8/float8 pages) passes k_scale/v_scale, the pages'
+    shape without H (float8 pages may be uint8 bit patterns of `fp8_dtype`). Returns [B, N, H] in
+    q's dtype. `pages_per_block` (power of two) and `num_splits` default to a heuristic;
+    `interpret=True` runs on CPU.
     """
     tc.check_common(q, k_pages, v_pages, block_tables, context_lens, layer)
     if block_tables.shape[0] != q.shape[0]:
@@ -150,14 +161,15 @@ def paged_attention(q, k_pages, v_pages, block_tables, context_lens, *, scale=No
     num_splits = max(1, min(num_splits, num_blocks))
     scale = head_dim ** -0.5 if scale is None else scale
 
+    quantized, k_scale, v_scale = tc.scales_input(k_scale, v_scale, k_pages, layer)
     k_pages, v_pages, layer = tc.layered(k_pages, v_pages, layer)
     windowed, window = tc.window_input(sliding_window)
     has_sinks, sinks = tc.sinks_input(sinks, num_heads)
     acc, m, l = _launch(
-        q, k_pages, v_pages, layer, window, block_tables.astype(jnp.int32),
+        q, k_pages, v_pages, k_scale, v_scale, layer, window, block_tables.astype(jnp.int32),
         context_lens.astype(jnp.int32), scale=scale, soft_cap=soft_cap, windowed=windowed,
-        pages_per_block=pages_per_block, num_splits=num_splits, num_warps=num_warps,
-        num_stages=num_stages, interpret=interpret)
+        quantized=quantized, fp8_dtype=fp8_dtype, pages_per_block=pages_per_block,
+        num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
     out = combine_splits(acc, m, l, group=num_heads // num_kv_heads, head_dim=head_dim,
                          sinks=sinks if has_sinks else None)
     return out.astype(q.dtype)

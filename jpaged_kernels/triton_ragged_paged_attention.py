@@ -39,12 +39,15 @@ def ragged_paged_attention_kernel(
     q_ref,        # [T, N, H]
     k_ref,        # [L, K, num_pages, S, H]
     v_ref,        # [L, K, num_pages, S, H]
+    k_scale_ref,  # [L, K, num_pages, S] (read when quantized)
+    v_scale_ref,  # [L, K, num_pages, S] (read when quantized)
     table_ref,    # [B, P] int32
     lens_ref,     # [B] int32
     qsl_ref,      # [B+1] int32
     _,            # [T, N, H] zeros, aliased to o_ref
     o_ref,        # [T, N, H]
     *, group, head_dim, block_q, pages_per_block, scale, soft_cap, windowed, has_sinks,
+    quantized, fp8_dtype,
 ):
     item, kv_head = pl.program_id(0), pl.program_id(1)
     num_tokens = q_ref.shape[0]
@@ -78,7 +81,9 @@ def ragged_paged_attention_kernel(
     acc, _, l = tc.attend_pages(
         q, row_pos, row_ok, k_ref, v_ref, table_ref, seq, layer_ref[0], kv_head, block_lo,
         block_hi, kv_start, kv_end, pages_per_block=pages_per_block, scale=scale,
-        soft_cap=soft_cap, sliding_window=window, head_dim=head_dim, init_m=init_m)
+        soft_cap=soft_cap, sliding_window=window, head_dim=head_dim, init_m=init_m,
+        k_scale_ref=k_scale_ref if quantized else None,
+        v_scale_ref=v_scale_ref if quantized else None, fp8_dtype=fp8_dtype)
     out = acc / jnp.maximum(l, 1e-30)[:, None]
     tc.store(o_ref.at[token[:, None], head[:, None], lane[None, :]], out.astype(o_ref.dtype),
              mask=mask)
@@ -101,19 +106,19 @@ def work_items(query_start_loc, num_tokens, block_q):
     return jnp.stack([seq, first, end]).astype(jnp.int32)
 
 
-def _launch(q, k_pages, v_pages, layer, window, sinks, block_tables, context_lens,
-            query_start_loc, *, scale, soft_cap, windowed, has_sinks, block_q, pages_per_block,
-            num_warps, num_stages, interpret):
+def _launch(q, k_pages, v_pages, k_scale, v_scale, layer, window, sinks, block_tables,
+            context_lens, query_start_loc, *, scale, soft_cap, windowed, has_sinks, quantized,
+            fp8_dtype, block_q, pages_per_block, num_warps, num_stages, interpret):
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pages.shape[1]
     work = work_items(query_start_loc, num_tokens, block_q)
     kernel = functools.partial(
         ragged_paged_attention_kernel, group=num_heads // num_kv_heads, head_dim=head_dim,
         block_q=block_q, pages_per_block=pages_per_block, scale=scale, soft_cap=soft_cap,
-        windowed=windowed, has_sinks=has_sinks)
+        windowed=windowed, has_sinks=has_sinks, quantized=quantized, fp8_dtype=fp8_dtype)
     whole = pl.BlockSpec()
     inputs = dict(layer=layer, window=window, sinks=sinks, work=work, q=q, k_pages=k_pages,
-                  v_pages=v_pages,
+                  v_pages=v_pages, k_scale=k_scale, v_scale=v_scale,
                   block_tables=block_tables, context_lens=context_lens,
                   query_start_loc=query_start_loc, out_init=jnp.zeros_like(q))
     return pl.pallas_call(
@@ -140,17 +145,20 @@ def rows_per_token(group, block_q):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "soft_cap", "block_q", "pages_per_block", "num_warps", "num_stages", "interpret"))
+    "scale", "soft_cap", "fp8_dtype", "block_q", "pages_per_block", "num_warps", "num_stages",
+    "interpret"))
 def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, query_start_loc, *,
                            scale=None, layer=None, sliding_window=None, soft_cap=None, sinks=None,
-                           block_q=None, pages_per_block=None, num_warps=4, num_stages=2,
-                           interpret=False):
+                           k_scale=None, v_scale=None, fp8_dtype=None, block_q=None,
+                           pages_per_block=None, num_warps=4, num_stages=2, interpret=False):
     """Ragged prefill + decode attention; same contract as `reference.ragged_paged_attention`.
 
     q [T, N, H]; pages [K, num_pages, S, H], or [L, K, num_pages, S, H] with `layer` (read in
     place); block_tables [B, P]; context_lens [B] (KV length including the new tokens);
     query_start_loc [B+1] cumulative new-token counts. Tokens past query_start_loc[B] are padding
-    and produce 0. `sliding_window` (int or traced scalar) and `sinks` [N] as in reference.py.
+    and produce 0. `sliding_window` (int or traced scalar) and `sinks` [N] as in reference.py;
+    a quantized cache (int8/float8 pages) passes k_scale/v_scale, the pages' shape without H
+    (float8 pages may be uint8 bit patterns of `fp8_dtype`).
     Returns [T, N, H] in q's dtype. `block_q` and `pages_per_block` (powers of two) default to a
     heuristic.
     """
@@ -171,12 +179,14 @@ def ragged_paged_attention(q, k_pages, v_pages, block_tables, context_lens, quer
                          f"pages_per_block * page_size >= 16; pages {k_pages.shape}")
     scale = head_dim ** -0.5 if scale is None else scale
 
+    quantized, k_scale, v_scale = tc.scales_input(k_scale, v_scale, k_pages, layer)
     k_pages, v_pages, layer = tc.layered(k_pages, v_pages, layer)
     windowed, window = tc.window_input(sliding_window)
     has_sinks, sinks = tc.sinks_input(sinks, num_heads)
     return _launch(
-        q, k_pages, v_pages, layer, window, sinks, block_tables.astype(jnp.int32),
-        context_lens.astype(jnp.int32), query_start_loc.astype(jnp.int32), scale=scale,
-        soft_cap=soft_cap, windowed=windowed, has_sinks=has_sinks, block_q=block_q,
+        q, k_pages, v_pages, k_scale, v_scale, layer, window, sinks,
+        block_tables.astype(jnp.int32), context_lens.astype(jnp.int32),
+        query_start_loc.astype(jnp.int32), scale=scale, soft_cap=soft_cap, windowed=windowed,
+        has_sinks=has_sinks, quantized=quantized, fp8_dtype=fp8_dtype, block_q=block_q,
         pages_per_block=pages_per_block, num_warps=num_warps, num_stages=num_stages,
         interpret=interpret)

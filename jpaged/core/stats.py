@@ -20,6 +20,8 @@ class Stats:
     kv_pages_cached: int = 0         # free, but still holding a reusable prefix
     kv_pages_free: int = 0           # free and holding nothing reusable
     kv_page_size: int = 0            # tokens per page
+    kv_cache_tokens: int = 0         # tokens the usable pages hold
+    kv_cache_bytes: int = 0          # the pool's bytes (quantized caches hold more tokens in less)
     host_pages_used: int = 0         # the swap pool
     peak_kv_pages_used: int = 0
     # queues (gauges)

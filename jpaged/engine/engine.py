@@ -35,6 +35,7 @@ from jpaged.engine.input_processor import InputProcessor
 from jpaged.engine.output_processor import OutputProcessor
 from jpaged.engine.runner import ModelRunner
 from jpaged.models import CausalLM, KVCache
+from jpaged.models.kv_cache import KV_CACHE_DTYPES, cache_dtype
 from jpaged.outputs import RequestOutput
 from jpaged.parallel import TensorParallel
 from jpaged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -72,6 +73,9 @@ class EngineConfig:
     # a step whose bucket is not compiled runs in a compiled stand-in while its own compiles on a
     # background thread (runner.py; the server's mode; ignored with several processes)
     compile_in_background: bool = False
+    # vLLM's name: "auto" (the model's dtype), "int8", "fp8" (= "fp8_e4m3") or "fp8_e5m2" pages,
+    # with a scale per token and KV head (models/kv_cache.py)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -87,6 +91,9 @@ class EngineConfig:
                              f"{self.preemption_mode!r}")
         if self.swap_space < 0:
             raise ValueError(f"swap_space must be >= 0 GiB, got {self.swap_space}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {list(KV_CACHE_DTYPES)}, got "
+                             f"{self.kv_cache_dtype!r}")
 
 
 def _shared_window(config) -> int | None:
@@ -134,7 +141,7 @@ class LLMEngine:
         model = CausalLM(run_config, self.dtype, fns,
                          moe=self.parallel.moe_fn() if self.parallel and mc.is_moe else None)
         params = self.parallel.shard_params(checkpoint.params) if self.parallel else checkpoint.params
-        page_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype)
+        page_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype, config.kv_cache_dtype)
         num_host_pages = int(config.swap_space * _GIB // page_bytes) \
             if config.preemption_mode == "swap" else 0
         eos_token_ids = tuple(checkpoint.eos_token_ids)
@@ -155,7 +162,8 @@ class LLMEngine:
                 model, params, allocator.submit(self._zeros_cache, num_pages), buckets,
                 eos_token_ids=eos_token_ids, max_model_len=self.max_model_len,
                 num_host_pages=num_host_pages, stats=self._stats,
-                shardings=self.parallel.step_shardings(params) if self.parallel else None,
+                shardings=self.parallel.step_shardings(params, config.kv_cache_dtype)
+                if self.parallel else None,
                 compile_in_background=config.compile_in_background and jax.process_count() == 1)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.input_processor = InputProcessor(
@@ -170,10 +178,13 @@ class LLMEngine:
         self._inbox: collections.deque[EngineCall] = collections.deque()
         self._rng = np.random.default_rng(config.seed)
         self.last_scheduled = None             # the SchedulerOutput of the latest step
-        kv_bytes = KVCache.bytes_per_page(run_config, config.page_size, self.dtype) * num_pages
+        kv_bytes = KVCache.bytes_per_page(run_config, config.page_size, self.dtype,
+                                          config.kv_cache_dtype) * num_pages
+        self._stats.kv_cache_tokens, self._stats.kv_cache_bytes = capacity, kv_bytes
         logger.info("KV cache: %d pages x %d tokens (%d tokens, %.2f GiB %s) on %s; max_model_len=%d, "
                     "max_num_seqs=%d, max_num_batched_tokens=%d, prefix caching %s", num_pages,
-                    config.page_size, capacity, kv_bytes / _GIB, self.dtype.name,
+                    config.page_size, capacity, kv_bytes / _GIB,
+                    cache_dtype(config.kv_cache_dtype, self.dtype).name,
                     jax.devices()[0].device_kind, self.max_model_len, config.max_num_seqs,
                     config.max_num_batched_tokens, "on" if config.enable_prefix_caching else "off")
 
@@ -411,17 +422,20 @@ class LLMEngine:
 
     # ---- internals -------------------------------------------------------------------------
     def _zeros_cache(self, num_pages: int) -> KVCache:
+        cfg = self.config
         if self.parallel:
-            return self.parallel.zeros_cache(num_pages, self.config.page_size, self.dtype)
-        return KVCache.zeros(self.model_config, num_pages, self.config.page_size, self.dtype)
+            return self.parallel.zeros_cache(num_pages, cfg.page_size, self.dtype,
+                                             cfg.kv_cache_dtype)
+        return KVCache.zeros(self.model_config, num_pages, cfg.page_size, self.dtype,
+                             cfg.kv_cache_dtype)
 
     def _choose_num_pages(self) -> int:
         cfg = self.config
         if cfg.num_pages is not None:
             return cfg.num_pages
         # per device: with tensor parallelism each device holds K'/N heads of every page
-        per_page = KVCache.bytes_per_page(self._run_config, cfg.page_size, self.dtype) // \
-            cfg.tensor_parallel_size
+        per_page = KVCache.bytes_per_page(self._run_config, cfg.page_size, self.dtype,
+                                          cfg.kv_cache_dtype) // cfg.tensor_parallel_size
         stats = jax.devices()[0].memory_stats() or {}
         if "bytes_limit" in stats:
             budget = stats["bytes_limit"] * cfg.gpu_memory_utilization - stats.get("bytes_in_use", 0)

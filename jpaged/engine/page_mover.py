@@ -19,10 +19,10 @@ from jpaged.models import KVCache
 class PageMover:
     def __init__(self, kv_cache: KVCache, num_host_pages: int):
         self.num_host_pages = num_host_pages
-        # host pool [L, K, host pages, S, H] for K and V, allocated on the first swap-out
-        self._host: tuple[np.ndarray, np.ndarray] | None = None
-        self._shape = kv_cache.k.shape
-        self._dtype = kv_cache.k.dtype
+        # host pool: each cache array ([L, K, pages, ...]: pages, and a quantized cache's scales)
+        # with `num_host_pages` pages, allocated on the first swap-out
+        self._host: KVCache | None = None
+        self._like = jax.tree.map(lambda a: (a.shape, a.dtype), kv_cache)
         self._copy = jax.jit(_copy_pages, donate_argnames=("kv_cache",))
         self._gather = jax.jit(_gather_pages)
         self._scatter = jax.jit(_scatter_pages, donate_argnames=("kv_cache",))
@@ -37,29 +37,31 @@ class PageMover:
             kv_cache = self._copy(kv_cache, src, dst)
         return kv_cache
 
-    def _host_pool(self) -> tuple[np.ndarray, np.ndarray]:
+    def _host_pool(self) -> KVCache:
         if self._host is None:
-            layers, heads, _, page_size, head_dim = self._shape
-            shape = (layers, heads, self.num_host_pages, page_size, head_dim)
-            self._host = (np.zeros(shape, self._dtype), np.zeros(shape, self._dtype))
+            self._host = jax.tree.map(
+                lambda like: np.zeros((*like[0][:2], self.num_host_pages, *like[0][3:]), like[1]),
+                self._like, is_leaf=lambda x: isinstance(x, tuple) and len(x) == 2)
         return self._host
 
     def _swap_out(self, kv_cache: KVCache, moves: list[tuple[int, int]]) -> None:
         device, _ = _padded_pairs(moves)
         host_pages = [h for _, h in moves]
-        k, v = self._gather(kv_cache, device)                         # [L, K, C, S, H] each
-        host_k, host_v = self._host_pool()
-        host_k[:, :, host_pages] = np.asarray(k)[:, :, :len(moves)]
-        host_v[:, :, host_pages] = np.asarray(v)[:, :, :len(moves)]
+        moved = self._gather(kv_cache, device)                        # [L, K, C, ...] each
+
+        def store(pool, pages):
+            pool[:, :, host_pages] = np.asarray(pages)[:, :, :len(moves)]
+        jax.tree.map(store, self._host_pool(), moved)
 
     def _swap_in(self, kv_cache: KVCache, moves: list[tuple[int, int]]) -> KVCache:
         _, device = _padded_pairs(moves)
         host_pages = [h for h, _ in moves]
-        host_k, host_v = self._host_pool()
-        k = np.zeros((*host_k.shape[:2], len(device), *host_k.shape[3:]), host_k.dtype)
-        v = np.zeros_like(k)
-        k[:, :, :len(moves)], v[:, :, :len(moves)] = host_k[:, :, host_pages], host_v[:, :, host_pages]
-        return self._scatter(kv_cache, device, k, v)
+
+        def take(pool):
+            pages = np.zeros((*pool.shape[:2], len(device), *pool.shape[3:]), pool.dtype)
+            pages[:, :, :len(moves)] = pool[:, :, host_pages]
+            return pages
+        return self._scatter(kv_cache, device, jax.tree.map(take, self._host_pool()))
 
 
 def _padded_pairs(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -71,14 +73,14 @@ def _padded_pairs(pairs: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]
 
 
 def _copy_pages(kv_cache: KVCache, src, dst) -> KVCache:
-    """Pages src[i] -> dst[i] of every layer and KV head; in place when the cache is donated."""
-    return KVCache(kv_cache.k.at[:, :, dst].set(kv_cache.k[:, :, src]),
-                   kv_cache.v.at[:, :, dst].set(kv_cache.v[:, :, src]))
+    """Pages src[i] -> dst[i] of every layer and KV head (and their scales); in place when the
+    cache is donated."""
+    return jax.tree.map(lambda a: a.at[:, :, dst].set(a[:, :, src]), kv_cache)
 
 
-def _gather_pages(kv_cache: KVCache, pages):
-    return kv_cache.k[:, :, pages], kv_cache.v[:, :, pages]
+def _gather_pages(kv_cache: KVCache, pages) -> KVCache:
+    return jax.tree.map(lambda a: a[:, :, pages], kv_cache)
 
 
-def _scatter_pages(kv_cache: KVCache, pages, k, v) -> KVCache:
-    return KVCache(kv_cache.k.at[:, :, pages].set(k), kv_cache.v.at[:, :, pages].set(v))
+def _scatter_pages(kv_cache: KVCache, pages, moved: KVCache) -> KVCache:
+    return jax.tree.map(lambda a, m: a.at[:, :, pages].set(m), kv_cache, moved)

@@ -36,7 +36,6 @@ from jpaged.models.kv_cache import AttentionFns, AttentionMetadata, KVCache, ref
 from jpaged.models.moe import GROUPED_IMPLS, combine, dispatch, route
 from jpaged.models.weights import LayerWeights, embedding_rows, project
 from jpaged.sampling_params import MAX_LOGPROBS
-from jpaged_kernels import write_kv
 
 
 # A global layer's window when windows differ per layer: past any sequence length.
@@ -117,22 +116,22 @@ def attention_block(w: LayerWeights, x, rope, kv: KVCache, metadata: AttentionMe
         key = rms_norm(key, w.get("attn", "k_norm"), c.rms_norm_eps, dtype, c.norm_offset)
     cos, sin = layer_rope(c, rope, w.layer)
     q, key = apply_rope(q, cos, sin), apply_rope(key, cos, sin)
-    k_cache, v_cache = write_kv(kv.k, kv.v, key, val, metadata.slot_mapping, layer=w.layer)
-    kwargs = dict(layer=w.layer, sliding_window=layer_window(c, w.layer))
+    kv = kv.write(key, val, metadata.slot_mapping, layer=w.layer)
+    kwargs = dict(layer=w.layer, sliding_window=layer_window(c, w.layer), **kv.attention_kwargs())
     kwargs.update({k: v for k, v in (("scale", c.attn_scale), ("soft_cap", c.attn_soft_cap))
                    if v is not None})
     if metadata.decode_only:
-        o = attention.paged_attention(q, k_cache, v_cache, metadata.block_tables,
+        o = attention.paged_attention(q, kv.k, kv.v, metadata.block_tables,
                                       metadata.context_lens, **kwargs)
     else:
-        o = attention.ragged_paged_attention(q, k_cache, v_cache, metadata.block_tables,
+        o = attention.ragged_paged_attention(q, kv.k, kv.v, metadata.block_tables,
                                              metadata.context_lens, metadata.query_start_loc,
                                              **kwargs)
     # [T, N*H] x [N*H, D]: one contraction dim, so XLA transposes neither operand
     out = w.matmul("TX,XD->TD", o.reshape(-1, c.num_heads * c.head_dim), "attn", "wo")
     if w.has("attn", "bo"):
         out = out + w.get("attn", "bo")
-    return out, KVCache(k_cache, v_cache)
+    return out, kv
 
 
 def activation(name: str):

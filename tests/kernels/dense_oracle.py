@@ -52,3 +52,8 @@ def dense_attention(q, k_pages, v_pages, block_tables, context_lens, query_start
                 weights = np.exp(scores - top)
                 out[token, h] = weights / (weights.sum() + np.exp(sink - top)) @ values[h // group]
     return out
+
+
+def dequantized_pages(pages, scales) -> np.ndarray:
+    """A quantized cache's pages [..., S, H] with their scales [..., S] as float64."""
+    return np.asarray(pages, np.float64) * np.asarray(scales, np.float64)[..., None]

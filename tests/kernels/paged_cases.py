@@ -55,6 +55,21 @@ def random_cache(rng, live, num_kv_heads, head_dim, dtype, num_layers=None, laye
     return out
 
 
+def quantize_cache(pages, kv_dtype):
+    """NumPy per-vector quantization (independent of jpaged_kernels): pages [..., S, H] float ->
+    (q [..., S, H] in kv_dtype, scales [..., S] float16) with max |x| of each vector mapped to the
+    type's largest value; the scale is rounded to float16 before dividing, as the cache stores it."""
+    x = np.asarray(pages, np.float32)
+    top = float(np.iinfo(kv_dtype).max if np.issubdtype(kv_dtype, np.integer)
+                else jnp.finfo(kv_dtype).max)
+    scale = (np.abs(x).max(axis=-1) / top).astype(np.float16).astype(np.float32)
+    scale = np.where(scale == 0, 1.0, scale)
+    q = x / scale[..., None]
+    if np.issubdtype(kv_dtype, np.integer):
+        q = np.clip(np.rint(q), -top, top)
+    return jnp.asarray(q.astype(np.float32), kv_dtype), jnp.asarray(scale, jnp.float16)
+
+
 def random_sinks(rng, num_heads):
     """[N] float32 attention sinks on the scale of the scores (some dominate, some vanish)."""
     return jnp.asarray(2.0 * rng.standard_normal(num_heads), jnp.float32)

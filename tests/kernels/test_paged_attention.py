@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jpaged_kernels import paged_attention, reference
+from jpaged_kernels.reference import as_bits
 from jpaged_kernels.triton_common import default_pages_per_block
-from dense_oracle import dense_attention
-from paged_cases import (MODES, assert_close, masked_loads, random_cache, random_q,
+from dense_oracle import dense_attention, dequantized_pages
+from paged_cases import (MODES, assert_close, masked_loads, quantize_cache, random_cache, random_q,
                          random_sinks, random_tables, triton_kernel_ir, tt_dots)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -37,7 +38,7 @@ def context_lens_for(page_size, pages_per_seq):
 
 
 def run_case(rng, batch, heads, kv_heads, head_dim, page_size, pages_per_seq, dtype, lens,
-             interpret, padding="arbitrary", sinks=False, **kwargs):
+             interpret, padding="arbitrary", sinks=False, kv_dtype=None, fp8_as_bits=True, **kwargs):
     num_pages = batch * pages_per_seq + 3
     tables, live = random_tables(rng, lens, page_size, pages_per_seq, num_pages, padding)
     k, v = random_cache(rng, live, kv_heads, head_dim, dtype)
@@ -45,11 +46,20 @@ def run_case(rng, batch, heads, kv_heads, head_dim, page_size, pages_per_seq, dt
     lens = jnp.asarray(lens, jnp.int32)
     if sinks:
         kwargs["sinks"] = random_sinks(rng, heads)
+    oracle_k, oracle_v = k, v
+    if kv_dtype is not None:               # a quantized cache: the oracle sees its exact values
+        (k, k_scale), (v, v_scale) = quantize_cache(k, kv_dtype), quantize_cache(v, kv_dtype)
+        kwargs.update(k_scale=k_scale, v_scale=v_scale)
+        oracle_k, oracle_v = dequantized_pages(k, k_scale), dequantized_pages(v, v_scale)
+        if fp8_as_bits and kv_dtype != jnp.int8:          # float8 pages as the engine stores them
+            k, v, kwargs["fp8_dtype"] = as_bits(k), as_bits(v), kv_dtype
     out = paged_attention(q, k, v, tables, lens, interpret=interpret, **kwargs)
     ref_kwargs = {a: b for a, b in kwargs.items()
-                  if a in ("scale", "sliding_window", "soft_cap", "sinks")}
+                  if a in ("scale", "sliding_window", "soft_cap", "sinks", "k_scale", "v_scale", "fp8_dtype")}
+    oracle_kwargs = {a: b for a, b in ref_kwargs.items()
+                     if a not in ("k_scale", "v_scale", "fp8_dtype")}
     ref = reference.paged_attention(q, k, v, tables, lens, **ref_kwargs)
-    oracle = dense_attention(q, k, v, tables, lens, **ref_kwargs)
+    oracle = dense_attention(q, oracle_k, oracle_v, tables, lens, **oracle_kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(ref, oracle, dtype)
     assert_close(out, oracle, dtype)
@@ -76,6 +86,23 @@ def test_soft_cap_sliding_window_and_sinks(soft_cap, sliding_window, sinks, inte
     rng = np.random.default_rng(1)
     run_case(rng, 4, 8, 2, 64, 8, 5, jnp.float32, [1, 8, 19, 40], interpret, num_splits=2,
              pages_per_block=2, soft_cap=soft_cap, sliding_window=sliding_window, sinks=sinks)
+
+
+KV_DTYPES = [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2]
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+@pytest.mark.parametrize("dtype,head_dim,extra", [
+    (jnp.float32, 64, {}), (jnp.bfloat16, 80, dict(sliding_window=7, sinks=True)),
+    (jnp.float32, 64, dict(fp8_as_bits=False))])
+def test_quantized_cache(kv_dtype, dtype, head_dim, extra, interpret):
+    """int8 / float8 pages with a scale per token and KV head (kv_cache_dtype): equal to the
+    oracle on the dequantized pages, with 2 splits and a padded head dim; float8 pages as uint8
+    bit patterns (the engine's cache) or as float8 arrays."""
+    rng = np.random.default_rng(6)
+    run_case(rng, 4, 8, 2, head_dim, 8, 5, dtype, [1, 8, 19, 40], interpret, num_splits=2,
+             pages_per_block=2, kv_dtype=kv_dtype, **extra)
 
 
 @pytest.mark.parametrize("interpret", MODES)
@@ -191,3 +218,24 @@ def test_triton_ir_has_the_designed_tiles(head_dim, page_size, dtype):
     assert tt_dots(ttir) == [f"16x{padded} * {padded}x{block} -> 16x{block}",
                              f"16x{block} * {block}x{padded} -> 16x{padded}"]
     assert masked_loads(ttir, f"{ppb}x{page_size}x{padded}") == 2        # K and V tiles
+
+
+@pytest.mark.parametrize("kv_dtype", KV_DTYPES)
+def test_triton_ir_of_a_quantized_cache(kv_dtype):
+    """int8 / float8 (uint8 bit patterns) pages lower for CUDA: the same two dots in the query's
+    dtype (the tile is converted as loaded) and the scale tiles [ppb, S] loaded under a mask."""
+    sds = jax.ShapeDtypeStruct
+    page_size, head_dim = 16, 64
+    q = sds((2, 8, head_dim), jnp.bfloat16)
+    bits = kv_dtype != jnp.int8                       # float8 pages as the engine stores them
+    k = sds((2, 2, 40, page_size, head_dim), jnp.uint8 if bits else kv_dtype)
+    scales = sds((2, 2, 40, page_size), jnp.float16)
+    lowered = paged_attention.trace(
+        q, k, k, sds((2, 9), jnp.int32), sds((2,), jnp.int32), layer=sds((), jnp.int32),
+        k_scale=scales, v_scale=scales, fp8_dtype=kv_dtype if bits else None).lower(
+        lowering_platforms=("cuda",))
+    _, ttir = triton_kernel_ir(lowered)
+    block = default_pages_per_block(page_size, head_dim) * page_size
+    assert tt_dots(ttir) == [f"16x64 * 64x{block} -> 16x{block}",
+                             f"16x{block} * {block}x64 -> 16x64"]
+    assert masked_loads(ttir, f"{block // page_size}x{page_size}") == 2     # K and V scales

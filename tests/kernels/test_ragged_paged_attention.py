@@ -11,9 +11,10 @@ from hypothesis import given, settings, strategies as st
 
 from jpaged_kernels import paged_attention, ragged_paged_attention, reference
 from jpaged_kernels.triton_ragged_paged_attention import work_items
+from jpaged_kernels.reference import as_bits
 from jpaged_kernels.triton_common import default_pages_per_block
-from dense_oracle import dense_attention
-from paged_cases import (MODES, assert_close, masked_loads, random_cache, random_q,
+from dense_oracle import dense_attention, dequantized_pages
+from paged_cases import (MODES, assert_close, masked_loads, quantize_cache, random_cache, random_q,
                          random_sinks, random_tables, triton_kernel_ir, tt_dots)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -41,7 +42,7 @@ def mixed_batch(page_size, pages_per_seq):
 
 
 def run_case(rng, seqs, heads, kv_heads, head_dim, page_size, pages_per_seq, dtype, interpret,
-             num_padding=3, layers=None, layer=None, padding="arbitrary", sinks=False, **kwargs):
+             num_padding=3, layers=None, layer=None, padding="arbitrary", sinks=False, kv_dtype=None, fp8_as_bits=True, **kwargs):
     q_lens, lens = zip(*seqs) if seqs else ((), ())
     query_start_loc = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
     num_tokens = int(sum(q_lens)) + num_padding
@@ -52,13 +53,23 @@ def run_case(rng, seqs, heads, kv_heads, head_dim, page_size, pages_per_seq, dty
     lens = jnp.asarray(lens, jnp.int32)
     if sinks:
         kwargs["sinks"] = random_sinks(rng, heads)
+    oracle_k, oracle_v = k, v
+    if kv_dtype is not None:               # a quantized cache: the oracle sees its exact values
+        (k, k_scale), (v, v_scale) = quantize_cache(k, kv_dtype), quantize_cache(v, kv_dtype)
+        kwargs.update(k_scale=k_scale, v_scale=v_scale)
+        oracle_k, oracle_v = dequantized_pages(k, k_scale), dequantized_pages(v, v_scale)
+        if fp8_as_bits and kv_dtype != jnp.int8:          # float8 pages as the engine stores them
+            k, v, kwargs["fp8_dtype"] = as_bits(k), as_bits(v), kv_dtype
     out = ragged_paged_attention(q, k, v, tables, lens, query_start_loc, layer=layer,
                                  interpret=interpret, **kwargs)
     ref_kwargs = {a: b for a, b in kwargs.items()
-                  if a in ("scale", "sliding_window", "soft_cap", "sinks")}
+                  if a in ("scale", "sliding_window", "soft_cap", "sinks", "k_scale", "v_scale", "fp8_dtype")}
+    oracle_kwargs = {a: b for a, b in ref_kwargs.items()
+                     if a not in ("k_scale", "v_scale", "fp8_dtype")}
     ref = reference.ragged_paged_attention(q, k, v, tables, lens, query_start_loc, layer=layer,
                                            **ref_kwargs)
-    oracle = dense_attention(q, k, v, tables, lens, query_start_loc, layer=layer, **ref_kwargs)
+    oracle = dense_attention(q, oracle_k, oracle_v, tables, lens, query_start_loc, layer=layer,
+                             **oracle_kwargs)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert_close(ref, oracle, dtype)
     assert_close(out, oracle, dtype)
@@ -84,6 +95,19 @@ def test_soft_cap_sliding_window_and_sinks(soft_cap, sliding_window, sinks, inte
     rng = np.random.default_rng(1)
     run_case(rng, mixed_batch(8, 4), 8, 2, 64, 8, 4, jnp.float32, interpret, block_q=4,
              pages_per_block=2, soft_cap=soft_cap, sliding_window=sliding_window, sinks=sinks)
+
+
+@pytest.mark.parametrize("interpret", MODES)
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("dtype,head_dim,extra", [
+    (jnp.float32, 64, dict(layers=3, layer=jnp.int32(1))),
+    (jnp.bfloat16, 80, dict(sliding_window=6, sinks=True))])
+def test_quantized_cache(kv_dtype, dtype, head_dim, extra, interpret):
+    """int8 / float8 pages with a scale per token and KV head (kv_cache_dtype), one layer of an
+    [L, ...] cache read in place (its scales too) or a window with sinks."""
+    rng = np.random.default_rng(7)
+    run_case(rng, mixed_batch(8, 4), 8, 2, head_dim, 8, 4, dtype, interpret, block_q=4,
+             pages_per_block=2, kv_dtype=kv_dtype, **extra)
 
 
 @pytest.mark.parametrize("interpret", MODES)

@@ -2,13 +2,15 @@
 dense NumPy oracle, over the kernel test grid plus what only the reference has: its elementwise
 decode path and matrix-product path, windows of several sizes, and the chunked online softmax."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dense_oracle import dense_attention
+from dense_oracle import dense_attention, dequantized_pages
 from jpaged_kernels import reference
-from paged_cases import assert_close, random_cache, random_q, random_sinks, random_tables
+from paged_cases import (assert_close, quantize_cache, random_cache, random_q, random_sinks,
+                         random_tables)
 from test_paged_attention import GRID as DECODE_GRID, context_lens_for
 from test_ragged_paged_attention import GRID as RAGGED_GRID, mixed_batch
 
@@ -95,3 +97,43 @@ def test_chunked_online_softmax(monkeypatch, sliding_window, sinks):
                 sliding_window=sliding_window, **extra)
     decode_case(rng, 4, 8, 2, 32, 8, 12, jnp.float32, [1, 8, 50, 96],
                 sliding_window=sliding_window, **extra)
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("layered", [False, True])
+def test_write_kv_quantizes_per_token_and_head(kv_dtype, layered):
+    """write_kv into an int8 / float8 cache stores each token's K and V of each KV head as the
+    independent NumPy quantization does (paged_cases.quantize_cache), scales included, and
+    touches no other slot; the dequantized values are within the type's step of the input."""
+    rng = np.random.default_rng(8)
+    num_kv_heads, num_pages, page_size, head_dim, num_layers = 2, 6, 4, 32, 3
+    shape = (num_kv_heads, num_pages, page_size, head_dim)
+    if layered:
+        shape = (num_layers, *shape)
+    bits = kv_dtype != jnp.int8                       # float8 pages as the engine stores them
+    stored = jnp.uint8 if bits else kv_dtype
+    k_cache, v_cache = jnp.zeros(shape, stored), jnp.zeros(shape, stored)
+    k_scale, v_scale = jnp.ones(shape[:-1], jnp.float16), jnp.ones(shape[:-1], jnp.float16)
+    k = rng.standard_normal((5, num_kv_heads, head_dim)).astype(np.float32) * 3
+    v = rng.standard_normal((5, num_kv_heads, head_dim)).astype(np.float32)
+    k[2, 1] = 0.0                                      # an all-zero vector keeps a finite scale
+    slots = np.array([4, 5, 9, 23, 0], np.int32)
+    out = reference.write_kv(k_cache, v_cache, jnp.asarray(k), jnp.asarray(v),
+                             jnp.asarray(slots), layer=1 if layered else None,
+                             k_scale=k_scale, v_scale=v_scale, fp8_dtype=kv_dtype if bits else None)
+    for new, pages, scales in [(k, out[0], out[2]), (v, out[1], out[3])]:
+        assert pages.dtype == stored
+        pages = jax.lax.bitcast_convert_type(pages, kv_dtype) if bits else pages
+        pages, scales = (pages[1], scales[1]) if layered else (pages, scales)
+        want_q, want_scale = quantize_cache(new, kv_dtype)                # [T, K, H], [T, K]
+        got_q = np.asarray(pages[:, slots // page_size, slots % page_size], np.float32)
+        got_scale = np.asarray(scales[:, slots // page_size, slots % page_size], np.float32)
+        np.testing.assert_array_equal(got_q, np.swapaxes(np.asarray(want_q, np.float32), 0, 1))
+        np.testing.assert_array_equal(got_scale, np.asarray(want_scale, np.float32).T)
+        step = 1 / 127 if kv_dtype == jnp.int8 else 2.0 ** -(jnp.finfo(kv_dtype).nmant + 1)
+        top = np.abs(new).max(axis=-1, keepdims=True)
+        back = np.swapaxes(dequantized_pages(got_q, got_scale), 0, 1)
+        assert np.all(np.abs(back - new) <= top * step * 0.51 + np.abs(new) * step + 1e-7)
+        untouched = np.ones(pages.shape[:-1], bool)
+        untouched[:, slots // page_size, slots % page_size] = False
+        assert not np.asarray(pages, np.float32)[untouched].any()
