@@ -48,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
                      choices=["auto", "reference", "triton", "mosaic"])
     gen.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     gen.add_argument("--quiet", action="store_true", help="only print the summary")
+    from jpaged.entrypoints.openai.run import add_quantization_arguments, add_serve_arguments
+    add_quantization_arguments(gen)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (and vLLM's /generate)")
-    from jpaged.entrypoints.openai.run import add_serve_arguments
     add_serve_arguments(serve)
     sub.add_parser("convert", add_help=False,
                    help="convert an HF directory or a .gguf file into a jpaged checkpoint")
@@ -76,7 +77,8 @@ def _generate(args) -> int:
 
     llm = LLM(args.model, dtype=args.dtype, page_size=args.page_size, num_pages=args.num_pages,
               max_model_len=args.max_model_len, attention_backend=args.attention_backend,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_p=args.top_p, seed=args.seed)
     questions = args.prompt or DEFAULT_QUESTIONS
@@ -99,6 +101,8 @@ def _generate(args) -> int:
           f"({num_out / max(elapsed - compiling, 1e-9):.1f} excluding compilation)")
     print(f"KV pages used: {stats.peak_kv_pages_used} of {stats.kv_pages_total} at peak "
           f"(page size {stats.kv_page_size}); all free again: {stats.kv_pages_used == 0}")
+    print(f"weights: {args.quantization or engine.dtype.name}; KV cache: {args.kv_cache_dtype} "
+          f"({stats.kv_cache_tokens} tokens in {stats.kv_cache_bytes / 2**30:.2f} GiB)")
     print(f"attention backend: {engine.attention.name} ({engine.attention.reason})")
     return 0
 

@@ -14,6 +14,7 @@ the process exits 0. A second SIGINT exits at once.
 from __future__ import annotations
 
 import argparse
+import json
 import contextlib
 import logging
 
@@ -33,6 +34,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", nargs="+", default=None,
                         help="the name(s) clients give as `model` (default: the MODEL argument)")
     parser.add_argument("--dtype", default="auto")
+    add_quantization_arguments(parser)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -66,8 +68,39 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-request-chat-template", action="store_true",
                         help="let a request bring its own chat template (vLLM's flag; off: "
                              "only the tokenizer's template is rendered)")
+    parser.add_argument("--speculative-config", type=_speculative_config, default=None,
+                        help="vLLM's speculative decoding config as JSON, e.g. '{\"method\": "
+                             "\"ngram\", \"num_speculative_tokens\": 3}' or '{\"method\": "
+                             "\"layer_skip\", \"num_speculative_tokens\": 3, \"num_layers\": "
+                             "20}'")
     parser.add_argument("--disable-ui", action="store_true",
                         help="do not serve the chat page at / (the JSON API stays)")
+
+
+def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
+    """vLLM's flags, shared by `jpaged serve` and `jpaged generate`."""
+    parser.add_argument("--quantization", "-q", default=None,
+                        choices=["int8", "w8a8", "int4", "fp8", "gguf"],
+                        help="quantize the weights at load (int8/int4/fp8 weight-only, w8a8 int8 "
+                             "weights and activations), or serve a .gguf's blocks as stored (gguf)")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        choices=["auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"],
+                        help="KV page format: the model's dtype (auto), or 8-bit pages with a "
+                             "scale per token and KV head (~2x the tokens of bfloat16, ~4x f32)")
+
+
+def _speculative_config(text: str) -> dict:
+    """--speculative-config: a JSON object, validated as LLM(speculative_config=...) is."""
+    from jpaged.core.speculative import SpeculativeConfig
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    try:
+        SpeculativeConfig.from_dict(config)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return config
 
 
 def run_server(args: argparse.Namespace) -> int:
@@ -85,7 +118,9 @@ def run_server(args: argparse.Namespace) -> int:
               compilation_cache_dir=args.compilation_cache_dir, seed=args.seed,
               tensor_parallel_size=args.tensor_parallel_size,
               coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-              process_id=args.process_id,
+              process_id=args.process_id, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype,
+              speculative_config=args.speculative_config,
               # a bucket first met while serving runs in a compiled stand-in and compiles in the
               # background (the engine turns this off when several processes must run one program)
               compile_in_background=True)
