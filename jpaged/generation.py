@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jpaged.engine.sampler import SamplerFlags, SamplingTensors, sample
 from jpaged.models import (AttentionFns, AttentionMetadata, CausalLM, KVCache, arrange_layers,
                            reference_attention, slot_mapping)
+from jpaged.models.lora import LoRABatch, slotted
 
 
 @dataclasses.dataclass
@@ -96,7 +97,8 @@ class _LoopState(NamedTuple):
 def generate(model: CausalLM, params, prompt_tokens, prompt_lengths, *, max_new_tokens: int, rng,
              temperature=0.0, top_k=None, top_p=None, page_size: int = 16,
              num_pages: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-             min_new_tokens: int = 0, attention: AttentionFns | None = None) -> GenerateOutput:
+             min_new_tokens: int = 0, attention: AttentionFns | None = None, lora=None,
+             lora_index=None) -> GenerateOutput:
     """Generate up to `max_new_tokens` tokens for each of B ragged prompts; pure and jittable.
 
     prompt_tokens [B, W] int32, prompt b in prompt_tokens[b, :prompt_lengths[b]] (1 <= length <= W,
@@ -109,6 +111,11 @@ def generate(model: CausalLM, params, prompt_tokens, prompt_lengths, *, max_new_
     model's own). A LongRoPE model (Phi-3) picks its short or long factors by
     `model.config.max_model_len`, or when that is None by this call's longest sequence
     (W + max_new_tokens - 1), vLLM's rule (jpaged/config.py).
+    lora: LoRA weights as a pytree, unmerged: one adapter in jpaged/lora's layout ([L, ...] leaves,
+    `jpaged.lora.load_lora` reads a PEFT directory into it) for every row, or several stacked in
+    the slotted layout (jpaged/models/lora.py; `jpaged.lora.stack_adapters`) with lora_index [B]
+    int32 picking row b's adapter (-1: the base model). A fine-tuning loop samples from its
+    current LoRA params this way, traced, without merging them into `params`.
     """
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)                    # [B, W]
     prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)                  # [B]
@@ -138,10 +145,16 @@ def generate(model: CausalLM, params, prompt_tokens, prompt_lengths, *, max_new_
                           state.logprobs.at[:, state.step].set(jnp.where(alive, logprob, 0.0)),
                           state.lengths + alive, state.done | stops)
 
+    lora_weights, row_slots = _lora_rows(lora, lora_index, num_seqs)
+
+    def lora_batch(token_slots):
+        return None if lora is None else LoRABatch(lora_weights, token_slots)
+
     def decode(state: _LoopState) -> _LoopState:
         positions = prompt_lengths + state.step - 1                          # [B]
         logits, kv_cache = model.apply({"params": params}, state.last, positions, state.kv_cache,
-                                       _decode_metadata(block_tables, positions, page_size))
+                                       _decode_metadata(block_tables, positions, page_size),
+                                       lora=lora_batch(row_slots))
         return sample_into(state, logits, kv_cache)
 
     def more(state: _LoopState):
@@ -149,9 +162,11 @@ def generate(model: CausalLM, params, prompt_tokens, prompt_lengths, *, max_new_
 
     # NOTE: the prefill's block table covers the prompts only: the reference attention reads every
     # page of the table, and the decode pages are still empty.
-    token_ids, positions, metadata = _prefill_inputs(
+    token_ids, positions, metadata, pack = _prefill_inputs(
         prompt_tokens, prompt_lengths, block_tables[:, :-(-width // page_size)], page_size)
-    logits, kv_cache = model.apply({"params": params}, token_ids, positions, kv_cache, metadata)
+    logits, kv_cache = model.apply(
+        {"params": params}, token_ids, positions, kv_cache, metadata,
+        lora=lora_batch(pack(jnp.broadcast_to(row_slots[:, None], (num_seqs, width)))))
     start = _LoopState(jnp.int32(0), kv_cache, jnp.zeros(num_seqs, jnp.int32),
                        jnp.zeros((num_seqs, max_new_tokens), jnp.int32),
                        jnp.zeros((num_seqs, max_new_tokens), jnp.float32),
@@ -176,7 +191,21 @@ def _prefill_inputs(prompt_tokens, prompt_lengths, block_tables, page_size: int)
     def pack(values):
         return jnp.zeros(num_seqs * width, jnp.int32).at[dest].set(values.ravel(), mode="drop")
     metadata = AttentionMetadata(block_tables, pack(slots), prompt_lengths, query_start_loc)
-    return pack(prompt_tokens), pack(position), metadata
+    return pack(prompt_tokens), pack(position), metadata, pack
+
+
+def _lora_rows(lora, lora_index, num_seqs: int):
+    """(slotted LoRA weights, each row's token slot [B]: 0 none, s = slot s - 1)."""
+    if lora is None:
+        return None, jnp.zeros(num_seqs, jnp.int32)
+    if jnp.ndim(lora["qkv_a"]) == 4:                     # one adapter ([L, D, 3, R]) for all rows
+        if lora_index is not None:
+            raise ValueError("lora_index picks among stacked adapters; this lora is one adapter "
+                             "(stack several with jpaged.lora.stack_adapters)")
+        return slotted(lora), jnp.ones(num_seqs, jnp.int32)
+    if lora_index is None:
+        raise ValueError("stacked LoRA adapters need lora_index [B] (each row's adapter, -1 none)")
+    return lora, jnp.asarray(lora_index, jnp.int32) + 1
 
 
 def _decode_metadata(block_tables, positions, page_size: int) -> AttentionMetadata:

@@ -41,18 +41,19 @@ class Request:
 
     @classmethod
     def sampling(cls, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 base_seed: int, max_tokens: int) -> "Request":
+                 base_seed: int, max_tokens: int, lora_name: str | None = None) -> "Request":
         """n samples of one prompt; sample i draws with seed base_seed + i * 0x9E3779B9."""
         seqs = [Sequence(request_id, i, prompt_token_ids, params,
-                         (base_seed + i * 0x9E3779B9) % 2**32, max_tokens) for i in range(params.n)]
+                         (base_seed + i * 0x9E3779B9) % 2**32, max_tokens, lora_name)
+                for i in range(params.n)]
         seqs[0].pending_forks = seqs[1:]       # forked off sample 0 when its prompt is computed
         return cls(request_id, prompt_token_ids, params, seqs)
 
     @classmethod
     def beam_search(cls, request_id: str, prompt_token_ids: list[int], search: BeamSearch,
-                    params: SamplingParams) -> "Request":
+                    params: SamplingParams, lora_name: str | None = None) -> "Request":
         """A beam search: one sequence runs the prompt holding the seats of all its beams."""
-        first = Sequence(request_id, 0, prompt_token_ids, params, 0, search.max_tokens)
+        first = Sequence(request_id, 0, prompt_token_ids, params, 0, search.max_tokens, lora_name)
         first.extra_seats = search.beam_width - 1
         return cls(request_id, prompt_token_ids, params, [first], beam=search)
 

@@ -30,6 +30,7 @@ from collections import deque
 
 from jpaged.core.beam_search import select_beams
 from jpaged.core.block_manager import BlockManager
+from jpaged.core.lora_slots import LoRASlots
 from jpaged.core.request import Request
 from jpaged.core.sequence import Sequence, SequenceStatus
 from jpaged.core.stats import Stats
@@ -59,6 +60,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.sliding_window = sliding_window
         self.stats = stats or block_manager.stats
+        self.lora_slots: LoRASlots | None = None   # the engine's, with enable_lora
         self.requests: dict[str, Request] = {}     # the registry of live requests
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -124,7 +126,30 @@ class Scheduler:
             self._swap_in(step)
         if not out.preempted and not self.swapped:
             self._admit(step)
+        if self.lora_slots is not None:
+            self._set_lora_slots(out)
         return out
+
+    def _set_lora_slots(self, out: SchedulerOutput) -> None:
+        """Each row's adapter slot (resident: running adapters are never evicted)."""
+        slot_of = self.lora_slots.slot_of
+        for i, row in enumerate(out.scheduled):
+            name = self.requests[row.request_id].seqs[0].lora_name
+            if name is not None:
+                out.scheduled[i] = dataclasses.replace(row, lora_slot=slot_of[name])
+
+    def _lora_placed(self, seq: Sequence, out: SchedulerOutput) -> bool:
+        """Whether `seq`'s adapter (if any) has a device slot now, placing it if needed (a load
+        in `out`); False when every slot holds an adapter that live sequences use."""
+        if seq.lora_name is None or self.lora_slots is None:
+            return True
+        in_use = {s.lora_name for s in (*self.running, *self.swapped) if s.lora_name is not None}
+        placed = self.lora_slots.acquire(seq.lora_name, in_use)
+        if placed is None:
+            return False
+        if placed[1]:
+            out.lora_loads.append((placed[0], seq.lora_name))
+        return True
 
     def _reserve(self, seq: Sequence, n: int, step: "_Step") -> bool:
         """Pages (and private copies of shared ones) for `seq` to compute n more tokens,
@@ -162,24 +187,31 @@ class Scheduler:
             step.add(seq, n)
 
     def _admit(self, step: "_Step") -> None:
+        """Admit waiting sequences in order; one whose LoRA adapter cannot get a device slot
+        (all held by live sequences' adapters) keeps its place and waits, the others go on."""
         bm = self.block_manager
+        skipped: list[Sequence] = []
         while self.waiting and step.budget > 0:
             seq = self.waiting[0]
             if self._free_seats() < seq.seats or not step.has_rows_for(seq, self.max_num_seqs):
-                return
+                break
+            if not self._lora_placed(seq, step.out):
+                skipped.append(self.waiting.popleft())
+                continue
             cached = bm.match_prefix(seq)
             seq.num_computed_tokens += cached
             n = min(seq.num_tokens - seq.num_computed_tokens, step.budget)
             if not bm.allocate(seq, seq.num_computed_tokens + n):
                 bm.free(seq)                                  # give the matched pages back
                 seq.num_computed_tokens = 0
-                return
+                break
             self.stats.num_cached_tokens += cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             step.add(seq, n)
             self._fork_if_prompt_done(seq, n, step)
+        self.waiting.extendleft(reversed(skipped))
 
     def _fork_if_prompt_done(self, seq: Sequence, n: int, step: "_Step") -> None:
         """In the step that computes sample 0's last prompt token, fork its pending samples."""
@@ -199,6 +231,7 @@ class Scheduler:
         progress, refcounts up; it runs (or waits) where the parent does."""
         child.token_ids = list(parent.token_ids)
         child.prompt_token_ids = parent.prompt_token_ids
+        child.lora_name = parent.lora_name
         child.inherit_prefix_keys(parent)
         if parent.status is SequenceStatus.RUNNING:
             child.num_computed_tokens = parent.num_computed_tokens

@@ -24,7 +24,8 @@ class SequenceStatus(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, seed: int, max_tokens: int):
+                 params: SamplingParams, seed: int, max_tokens: int,
+                 lora_name: str | None = None):
         self.seq_id = next(_seq_ids)
         self.request_id = request_id
         self.index = index                      # which of the request's n outputs
@@ -46,6 +47,7 @@ class Sequence:
         self.logprobs: list[dict] = []
         self.cumulative_logprob = 0.0
         self.prompt_logprobs: list[dict | None] = []   # with params.prompt_logprobs (vLLM's)
+        self.lora_name = lora_name              # the LoRA adapter it runs with (None: the base)
 
     @property
     def num_tokens(self) -> int:
@@ -73,12 +75,14 @@ class Sequence:
         """(prefix-cache key, token ids) of the first `count` full pages; see page_key.
 
         NOTE: tokens are only ever appended, so the keys stay valid across preemption and forks
-        and are computed once.
+        and are computed once. The first page's parent is the LoRA adapter's name (None for the
+        base model), so the KV of two adapters is never shared.
         """
         from jpaged.core.block_manager import page_key
         while len(self._full_pages) < count:
             i = len(self._full_pages)
-            parent = self._full_pages[-1][0] if i else None
+            parent = self._full_pages[-1][0] if i else (
+                None if self.lora_name is None else b"lora:" + self.lora_name.encode())
             tokens = tuple(self.token_ids[i * page_size:(i + 1) * page_size])
             self._full_pages.append((page_key(parent, tokens), tokens))
         return self._full_pages[:count]

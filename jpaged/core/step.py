@@ -36,6 +36,8 @@ class ScheduledSeq:
     block_table: tuple[int, ...]  # page ids covering every token computed so far and now
     params: SamplingParams
     seed: int                    # per-sequence sampling seed
+    # its LoRA adapter's device slot (0: none; core/lora_slots.py)
+    lora_slot: int = dataclasses.field(default=0, kw_only=True)
     # this step computes the sequence's last token, so its sample is kept (False for a chunk of
     # a prompt that goes on in the next step)
     samples: bool = dataclasses.field(init=False)
@@ -55,6 +57,8 @@ class SchedulerOutput:
     swap_out: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (device, host)
     swap_in: list[tuple[int, int]] = dataclasses.field(default_factory=list)   # (host, device)
     pages_to_copy: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst)
+    # LoRA adapters placed in device slots for this step: (slot, adapter name), applied first
+    lora_loads: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

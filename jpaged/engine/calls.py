@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
+from jpaged.lora import LoRARequest
 from jpaged.sampling_params import BeamSearchParams, SamplingParams
 
 if TYPE_CHECKING:
@@ -23,9 +24,11 @@ class AddRequest:
     request_id: str
     prompt: dict                    # {"prompt": text or None, "prompt_token_ids": [...]}
     params: SamplingParams | BeamSearchParams   # sampling seeds resolved (same on every process)
+    lora_request: LoRARequest | None = None
 
     def replay(self, engine: "LLMEngine") -> None:
-        engine.add_request(request_id=self.request_id, prompt=self.prompt, params=self.params)
+        engine.add_request(request_id=self.request_id, prompt=self.prompt, params=self.params,
+                           lora_request=self.lora_request)
 
 
 @dataclasses.dataclass(frozen=True)

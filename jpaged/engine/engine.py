@@ -23,6 +23,7 @@ import numpy as np
 
 from jpaged.core.beam_search import BeamSearch
 from jpaged.core.block_manager import BlockManager
+from jpaged.core.lora_slots import LoRASlots
 from jpaged.core.request import Request
 from jpaged.core.scheduler import PREEMPTION_MODES, Scheduler
 from jpaged.core.stats import Stats
@@ -32,6 +33,7 @@ from jpaged.engine.buckets import BucketPolicy, WarmupStep
 from jpaged.engine.calls import AbortRequest, AddRequest, EngineCall, StopFollowers
 from jpaged.engine.compilation_cache import enable_compilation_cache
 from jpaged.engine.input_processor import InputProcessor
+from jpaged.engine.lora import LoRAManager
 from jpaged.engine.output_processor import OutputProcessor
 from jpaged.engine.runner import ModelRunner
 from jpaged.models import CausalLM, KVCache
@@ -73,6 +75,13 @@ class EngineConfig:
     # a step whose bucket is not compiled runs in a compiled stand-in while its own compiles on a
     # background thread (runner.py; the server's mode; ignored with several processes)
     compile_in_background: bool = False
+    # vLLM's names: serve LoRA adapters (jpaged/engine/lora.py): max_loras in device slots at
+    # once (a step mixes them freely), ranks up to max_lora_rank, max_cpu_loras (default
+    # max_loras) kept in host memory
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     # vLLM's name: "auto" (the model's dtype), "int8", "fp8" (= "fp8_e4m3") or "fp8_e5m2" pages,
     # with a scale per token and KV head (models/kv_cache.py)
     kv_cache_dtype: str = "auto"
@@ -152,6 +161,9 @@ class LLMEngine:
                                    config.max_num_batched_tokens, config.preemption_mode,
                                    eos_token_ids=eos_token_ids, max_model_len=self.max_model_len,
                                    stats=self._stats, sliding_window=_shared_window(mc))
+        self.lora = self._lora_manager(params) if config.enable_lora else None
+        if self.lora is not None:
+            self.scheduler.lora_slots = LoRASlots(config.max_loras)
         buckets = BucketPolicy(max_num_seqs=config.max_num_seqs,
                                max_num_batched_tokens=config.max_num_batched_tokens,
                                max_model_len=self.max_model_len, page_size=config.page_size)
@@ -161,7 +173,7 @@ class LLMEngine:
             self.runner = ModelRunner(
                 model, params, allocator.submit(self._zeros_cache, num_pages), buckets,
                 eos_token_ids=eos_token_ids, max_model_len=self.max_model_len,
-                num_host_pages=num_host_pages, stats=self._stats,
+                num_host_pages=num_host_pages, stats=self._stats, lora=self.lora,
                 shardings=self.parallel.step_shardings(params, config.kv_cache_dtype)
                 if self.parallel else None,
                 compile_in_background=config.compile_in_background and jax.process_count() == 1)
@@ -190,20 +202,23 @@ class LLMEngine:
 
     # ---- public API ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | dict | list[int],
-                    params: SamplingParams | BeamSearchParams | None = None) -> None:
+                    params: SamplingParams | BeamSearchParams | None = None,
+                    lora_request=None) -> None:
         """Validate and queue a request (a BeamSearchParams makes it a beam search); raises
-        ValueError naming the problem, leaving the engine and its other requests untouched."""
+        ValueError naming the problem, leaving the engine and its other requests untouched.
+        `lora_request` (a jpaged.LoRARequest): run it with that adapter (read now if new)."""
+        self._register_lora(lora_request)
         if isinstance(params, BeamSearchParams):
-            return self.add_beam_request(request_id, prompt, params)
+            return self.add_beam_request(request_id, prompt, params, lora_request)
         params = self.input_processor.sampling_params(params)
         text, token_ids = self.input_processor.prompt(prompt)
         if params.seed is None:                # resolved here, so every process samples alike
             params = dataclasses.replace(params, seed=int(self._rng.integers(2**32)))
         self._accept(AddRequest(request_id, {"prompt": text, "prompt_token_ids": token_ids},
-                                params), params, params.n)
+                                params, lora_request), params, params.n)
 
     def add_beam_request(self, request_id: str, prompt: str | dict | list[int],
-                         params: BeamSearchParams) -> None:
+                         params: BeamSearchParams, lora_request=None) -> None:
         """Queue a beam search (see core/beam_search.py); its one output, when finished, holds
         the beam_width best hypotheses, best first."""
         if not isinstance(params, BeamSearchParams):
@@ -211,8 +226,9 @@ class LLMEngine:
                              f"{type(params).__name__}")
         text, token_ids = self.input_processor.prompt(prompt)
         search = self.input_processor.beam_search(self._beam_search(params, len(token_ids)))
+        self._register_lora(lora_request)
         self._accept(AddRequest(request_id, {"prompt": text, "prompt_token_ids": token_ids},
-                                params), self._beam_sampling(search), 1)
+                                params, lora_request), self._beam_sampling(search), 1)
 
     def abort_request(self, request_id: str) -> None:
         """Drop a request wherever it is and free its pages (at the start of the next step when
@@ -265,6 +281,75 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
         logger.info("params updated; %d running sequences preempted for recompute, prefix cache "
                     "reset", len(preempted))
+
+    # ---- LoRA adapters (vLLM's add_lora / remove_lora / list_loras) -------------------------
+    def add_lora(self, lora_request) -> bool:
+        """Read and register an adapter now (its requests then start without reading it)."""
+        self._register_lora(lora_request)
+        return True
+
+    def remove_lora(self, name: str) -> bool:
+        """Forget adapter `name` (False if unknown); refused while live requests use it. Its
+        slot is freed and the prefix cache reset (a new adapter may come under the same name)."""
+        lora = self._need_lora("remove_lora")
+        if name not in lora.requests:
+            return False
+        users = self._lora_users(name)
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {len(users)} live requests "
+                             f"({users[:3]}); abort or finish them before unloading it")
+        lora.remove(name)
+        self.scheduler.lora_slots.forget(name)
+        self.block_manager.reset_prefix_cache()
+        return True
+
+    def list_loras(self) -> list[str]:
+        return self._need_lora("list_loras").names()
+
+    def update_lora(self, name: str, params) -> None:
+        """Swap adapter `name`'s weights (registering it if new) without a recompile; `params` in
+        jpaged/lora's layout (`jpaged.lora.load_lora` gives it; rank <= max_lora_rank). Like
+        update_params, running sequences are recomputed and the prefix cache is reset, so no KV
+        of the old weights is read again. Call it between steps, from the thread that runs step()."""
+        lora = self._need_lora("update_lora")
+        lora.set_weights(name, params)
+        self.scheduler.lora_slots.forget(name)       # placed again (rewritten) when next needed
+        preempted = self.scheduler.preempt_all_running()
+        self.block_manager.reset_prefix_cache()
+        logger.info("LoRA adapter %r updated; %d running sequences preempted for recompute, "
+                    "prefix cache reset", name, len(preempted))
+
+    def _register_lora(self, lora_request) -> None:
+        if lora_request is not None:
+            self._need_lora("lora_request").register(lora_request)
+
+    def _need_lora(self, what: str) -> LoRAManager:
+        if self.lora is None:
+            raise ValueError(f"{what} needs LoRA support: start the engine with enable_lora=True "
+                             f"(jpaged serve --enable-lora)")
+        return self.lora
+
+    def _lora_users(self, name: str) -> list[str]:
+        return [rid for rid, r in self.scheduler.requests.items()
+                if r.seqs and r.seqs[0].lora_name == name] + \
+            [c.request_id for c in self._inbox if isinstance(c, AddRequest) and
+             c.lora_request is not None and c.lora_request.lora_name == name]
+
+    def _lora_manager(self, params) -> LoRAManager:
+        from jpaged.models.weights import reads_in_place
+        cfg = self.config
+        if self.parallel is not None:
+            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet; "
+                             "serve LoRA adapters with tensor_parallel_size=1")
+        if self.model_config.is_moe:
+            raise ValueError("enable_lora: LoRA adapters are served on dense models only; this "
+                             f"model has {self.model_config.num_experts} experts")
+        leaf = jax.tree.leaves(params)[0]
+        return LoRAManager(self.model_config, max_loras=cfg.max_loras,
+                           max_lora_rank=cfg.max_lora_rank, max_cpu_loras=cfg.max_cpu_loras,
+                           dtype=self.dtype, per_layer=reads_in_place(params),
+                           device=next(iter(leaf.devices())) if isinstance(leaf, jax.Array)
+                           else None)
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of the requests that produced tokens in
@@ -364,11 +449,13 @@ class LLMEngine:
 
     def _make_request(self, call: AddRequest) -> Request:
         ids, params = call.prompt["prompt_token_ids"], call.params
+        lora = None if call.lora_request is None else call.lora_request.lora_name
         if isinstance(params, BeamSearchParams):
             search = self._beam_search(params, len(ids))
-            return Request.beam_search(call.request_id, ids, search, self._beam_sampling(search))
+            return Request.beam_search(call.request_id, ids, search, self._beam_sampling(search),
+                                       lora)
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
-        return Request.sampling(call.request_id, ids, params, params.seed, max_tokens)
+        return Request.sampling(call.request_id, ids, params, params.seed, max_tokens, lora)
 
     def _beam_search(self, params: BeamSearchParams, num_prompt_tokens: int) -> BeamSearch:
         return BeamSearch(params.beam_width,

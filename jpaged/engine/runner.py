@@ -44,11 +44,12 @@ _WARMUP_SAMPLERS = (SamplingParams(temperature=0.0, max_tokens=1),
                     SamplingParams(temperature=1.0, top_p=0.9, max_tokens=1))
 
 
-def step(model: CausalLM, params, kv_cache: KVCache, batch: StepInputs):
+def step(model: CausalLM, params, kv_cache: KVCache, batch: StepInputs, lora=None):
     """The pure device step: (logits [B, V] of each sequence's last token, updated cache,
-    TokenLogprobs of the prompt tokens when the batch scores some, else None)."""
+    TokenLogprobs of the prompt tokens when the batch scores some, else None). `lora`: a
+    LoRABatch (the adapter slots and each token's slot; jpaged/models/lora.py) or None."""
     out = model.apply({"params": params}, batch.token_ids, batch.positions, kv_cache,
-                      batch.metadata, batch.logprob_targets)
+                      batch.metadata, batch.logprob_targets, lora=lora)
     return out if len(out) == 3 else (*out, None)
 
 
@@ -56,14 +57,15 @@ class ModelRunner:
     def __init__(self, model: CausalLM, params, kv_cache: KVCache | Future, buckets: BucketPolicy,
                  *, eos_token_ids: tuple[int, ...], max_model_len: int, num_host_pages: int = 0,
                  shardings: tuple | None = None, stats: Stats | None = None,
-                 compile_in_background: bool = False):
+                 compile_in_background: bool = False, lora=None):
         """`params` in the layout of jpaged/models/weights.py (either placement: they are
         arranged here, per layer on one CPU device). `kv_cache` may still be being allocated (a
         Future, resolved after the weights are laid out). `shardings`: (in_shardings,
         out_shardings) of the step under tensor parallelism (TensorParallel.step_shardings), so
         the donated cache keeps its sharding step after step. `eos_token_ids` are banned under
-        min_tokens."""
+        min_tokens. `lora`: the engine's LoRAManager (jpaged/engine/lora.py) with enable_lora."""
         self.model = model
+        self.lora = lora
         self.stats = stats or Stats()
         self.params = arrange_layers(params)
         self.kv_cache = kv_cache = kv_cache.result() if isinstance(kv_cache, Future) else kv_cache
@@ -105,7 +107,10 @@ class ModelRunner:
         """Apply the step's page moves (swaps, copy-on-write), run the step, and sample."""
         self.kv_cache = self.pages.apply(out, self.kv_cache)
         fn, key, inputs = self._executable(out.scheduled)
-        logits, self.kv_cache, token_logprobs = fn(self.params, self.kv_cache, inputs)
+        if self.lora is not None:
+            self.lora.apply_loads(out.lora_loads)
+        logits, self.kv_cache, token_logprobs = fn(self.params, self.kv_cache, inputs,
+                                                   self._lora_batch(out.scheduled, inputs))
         tensors, flags = build_sampling_tensors(out.scheduled, key.num_seqs, self.vocab_size,
                                                 self.max_model_len, self.eos_token_ids)
         tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, tensors, flags=flags)
@@ -244,7 +249,8 @@ class ModelRunner:
     def _compile(self, key: StepKey, inputs: StepInputs, background: bool = False):
         start = time.perf_counter()
         # The cache as a shape: in the background the step thread may donate it meanwhile.
-        compiled = self._jit_step.lower(self.params, _shapes(self.kv_cache), inputs).compile()
+        compiled = self._jit_step.lower(self.params, _shapes(self.kv_cache), inputs,
+                                        self._lora_batch([], inputs)).compile()
         seconds = time.perf_counter() - start
         with self._lock:
             self._steps[key] = compiled
@@ -256,6 +262,12 @@ class ModelRunner:
                     key.num_pages, " with prompt log-probs" if key.prompt_logprobs else "",
                     seconds, " (in the background)" if background else "")
         return compiled
+
+    def _lora_batch(self, rows: list[ScheduledSeq], inputs: StepInputs):
+        """The step's LoRA argument (None without enable_lora), padded like `inputs`."""
+        if self.lora is None:
+            return None
+        return self.lora.batch(rows, inputs.token_ids.shape[0])
 
     def _sample_traced(self, logits, tensors: SamplingTensors, *, flags: SamplerFlags):
         self.stats.num_sampler_compilations += 1  # runs once per trace, i.e. per compiled variant

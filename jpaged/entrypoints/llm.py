@@ -87,8 +87,10 @@ class LLM:
 
     def generate(self, prompts: PromptType | Seq[PromptType],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate for every prompt; outputs come back in the prompts' order."""
+                 use_tqdm: bool = True, lora_request=None) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in the prompts' order. `lora_request`
+        (a jpaged.LoRARequest, or a list with one per prompt, None for the base model) needs
+        LLM(..., enable_lora=True)."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -101,8 +103,21 @@ class LLM:
         # Offline generation returns each request once, finished (vLLM's LLM does the same).
         params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
                   if isinstance(p, SamplingParams) else p for p in params]
-        request_ids = self._add_all(self.llm_engine.add_request, zip(prompts, params), "")
+        loras = list(lora_request) if isinstance(lora_request, (list, tuple)) else \
+            [lora_request] * len(prompts)
+        if len(loras) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(loras)} lora_request entries")
+
+        def add(request_id, prompt, params_and_lora):
+            self.llm_engine.add_request(request_id, prompt, params_and_lora[0],
+                                        lora_request=params_and_lora[1])
+        request_ids = self._add_all(add, zip(prompts, zip(params, loras)), "")
         return self._run(request_ids, use_tqdm)
+
+    def update_lora(self, name: str, params) -> None:
+        """Swap LoRA adapter `name`'s weights (jpaged/lora's layout) without a recompile; see
+        LLMEngine.update_lora."""
+        self.llm_engine.update_lora(name, params)
 
     def beam_search(self, prompts: PromptType | Seq[PromptType], params: BeamSearchParams,
                     use_tqdm: bool = False) -> list[BeamSearchOutput]:

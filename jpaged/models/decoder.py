@@ -168,12 +168,13 @@ def moe_block(w: LayerWeights, x, c: ModelConfig, *, impl: str = "auto",
     return combine(y, d, x.shape[0])                                          # [T, D]
 
 
-def feed_forward(layers, layer, x, c: ModelConfig, moe):
+def feed_forward(layers, layer, x, c: ModelConfig, moe, lora=None):
     """The layer's MLP: dense, MoE, or (MoE on some layers only) a lax.cond between the two,
-    each reading its stack at the layer's index within its own layers (see the NOTE above)."""
+    each reading its stack at the layer's index within its own layers (see the NOTE above).
+    `lora` (a LoRABatch) applies to dense models only."""
     moe_ids, dense_ids = c.moe_layer_ids(), c.dense_layer_ids()
     if not moe_ids:
-        return mlp_block(LayerWeights(layers, layer), x, c)
+        return mlp_block(LayerWeights(layers, layer, lora), x, c)
     if not dense_ids:
         return moe(LayerWeights(layers, layer), x, c)
     index = jnp.asarray([moe_ids.index(i) if i in moe_ids else dense_ids.index(i)
@@ -184,16 +185,16 @@ def feed_forward(layers, layer, x, c: ModelConfig, moe):
 
 
 def decoder_layer(layers, layer, x, kv: KVCache, rope, metadata: AttentionMetadata,
-                  c: ModelConfig, dtype, attention: AttentionFns, moe):
+                  c: ModelConfig, dtype, attention: AttentionFns, moe, lora=None):
     """gpt-fast's two lines: h = x + attn(norm(x)); out = h + mlp(norm(h)); Gemma also norms
-    each branch's output (post_norms) before adding it."""
-    w = LayerWeights(layers, layer)
+    each branch's output (post_norms) before adding it. `lora`: a LoRABatch or None."""
+    w = LayerWeights(layers, layer, lora)
 
     def norm(h, group):
         return rms_norm(h, w.get(group, "scale"), c.rms_norm_eps, dtype, c.norm_offset)
     a, kv = attention_block(w, norm(x, "attn_norm"), rope, kv, metadata, c, attention, dtype)
     h = x + (norm(a, "post_attn_norm") if c.post_norms else a)
-    m = feed_forward(layers, layer, norm(h, "mlp_norm"), c, moe)
+    m = feed_forward(layers, layer, norm(h, "mlp_norm"), c, moe, lora)
     return h + (norm(m, "post_mlp_norm") if c.post_norms else m), kv
 
 
@@ -280,12 +281,14 @@ class CausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, token_ids, positions, kv_cache: KVCache, metadata: AttentionMetadata,
-                 logprob_targets=None):
+                 logprob_targets=None, lora=None):
         """token_ids, positions [T] -> (logits [B, V] float32 of each sequence's last token, cache).
 
         Params: the layout of jpaged/models/weights.py, the layer stack in either placement.
         `logprob_targets` [T] int32 (prompt log-probabilities): for each new token, the token that
         follows it (-1: none wanted); a third result, TokenLogprobs, then holds their log-probs.
+        `lora`: a LoRABatch (jpaged/models/lora.py), each token's adapter delta on every
+        projection.
         """
         c = self.config
         # NOTE: the embedding table, the LM head and the layer stack are variables, not Flax
@@ -305,7 +308,7 @@ class CausalLM(nn.Module):
         def body(carry, layer):
             x, kv = carry
             return decoder_layer(layers, layer, x, kv, rope, metadata, c, self.dtype,
-                                 self.attention, moe), None
+                                 self.attention, moe, lora), None
 
         (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache),
                                         jnp.arange(c.num_layers, dtype=jnp.int32))

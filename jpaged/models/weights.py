@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -160,6 +161,7 @@ class LayerWeights:
     """One layer's view of the layer stack, whichever placement it has."""
     weights: dict      # {"attn": {...}, "mlp": {...}, "attn_norm": {...}, "mlp_norm": {...}}
     layer: jax.Array   # scalar int32
+    lora: Any = None   # a LoRABatch (jpaged/models/lora.py): its delta joins each matmul's output
 
     def expert_matmul(self, x, group_sizes, group: str, name: str, impl: str = "auto"):
         """The grouped matmul of jpaged/models/moe.py: x [M, In] rows sorted by expert (the
@@ -199,13 +201,17 @@ class LayerWeights:
 
     def matmul(self, spec: str, x, group: str, name: str):
         """einsum(spec, x, W[layer]) for x [T, D_in] and the float W [D_in, *out] (or its
-        QuantizedWeight), reading W[layer] in place when the stack is per layer."""
+        QuantizedWeight), reading W[layer] in place when the stack is per layer; plus the LoRA
+        delta of each token's adapter when the step has adapters (jpaged/models/lora.py)."""
         w = self.weights[group][name]
         if not isinstance(w, tuple):
-            return _matmul(spec, x, jax.tree.map(
+            y = _matmul(spec, x, jax.tree.map(
                 lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, keepdims=False), w))
-        branches = [functools.partial(_matmul_layer, spec, layer=i) for i in range(len(w))]
-        return jax.lax.switch(self.layer, branches, x, w)
+        else:
+            branches = [functools.partial(_matmul_layer, spec, layer=i) for i in range(len(w))]
+            y = jax.lax.switch(self.layer, branches, x, w)
+        delta = None if self.lora is None else self.lora.delta(self.layer, group, name, x)
+        return y if delta is None else y + delta.astype(y.dtype)
 
 
 def _pick(i, leaves):
