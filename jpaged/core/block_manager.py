@@ -108,6 +108,16 @@ class BlockManager:
         seq.block_table = []
         seq.num_committed_pages = 0
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release the pages of `seq` past those covering its first `num_tokens` tokens (the
+        slots of rejected speculative tokens). They were made private before the step wrote
+        them (make_writable) and hold no committed prefix, so each goes back to the free list."""
+        keep = -(-num_tokens // self.page_size)
+        for page in reversed(seq.block_table[keep:]):
+            if page != NULL_PAGE:
+                self._release(page)
+        del seq.block_table[keep:]
+
     def release_before(self, seq: Sequence, position: int) -> None:
         """Release the pages of `seq` that hold only positions < `position` (see the NOTE on
         sliding windows): walking back from the last of them to one released already."""

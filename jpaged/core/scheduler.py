@@ -16,6 +16,13 @@ seats). In the step that computes the last prompt token, each is forked off samp
 table (refcounts up, nothing recomputed) and scheduled with zero new tokens right after it, so it
 samples its first token from the same logits row. A shared page is copied only when a sequence is
 about to write into it (`pages_to_copy`).
+NOTE: speculative decoding (core/speculative.py). A running sequence that decodes brings up to
+k proposals after its last token (n-gram proposals made here; a draft model's filled in by the
+runner), within the token budget, its max_tokens and max_model_len; its pages cover them all.
+The step returns the accepted proposals plus one token; they are appended with the usual
+token-level stops, `num_computed_tokens` advances past the accepted ones only, and the pages of
+the rejected slots are released (BlockManager.trim) before `commit`, so the prefix cache never
+names an unverified token.
 NOTE: preemption. When pages run out, the newest running sequence is preempted: by recompute (its
 pages are freed, it returns to the front of the queue with num_computed_tokens = 0) or, in swap
 mode, by moving its pages to the host pool (it keeps its progress and comes back before any
@@ -33,6 +40,7 @@ from jpaged.core.block_manager import BlockManager
 from jpaged.core.lora_slots import LoRASlots
 from jpaged.core.request import Request
 from jpaged.core.sequence import Sequence, SequenceStatus
+from jpaged.core.speculative import NgramProposer, SpeculativeConfig
 from jpaged.core.stats import Stats
 from jpaged.core.step import PromptLogprobs, ScheduledSeq, SchedulerOutput, SeqUpdate, StepResult
 from jpaged.outputs import Logprob
@@ -47,9 +55,10 @@ class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  preemption_mode: str = "recompute", *, eos_token_ids: tuple[int, ...] = (),
                  max_model_len: int | None = None, stats: Stats | None = None,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, speculative: SpeculativeConfig | None = None):
         """`sliding_window`: the window every layer of the model shares, if one does; pages behind
-        it are released as sequences advance (BlockManager.release_before)."""
+        it are released as sequences advance (BlockManager.release_before). `speculative`: see
+        the NOTE on speculative decoding."""
         if preemption_mode not in PREEMPTION_MODES:
             raise ValueError(f"preemption_mode={preemption_mode!r} is not one of {PREEMPTION_MODES}")
         self.block_manager = block_manager
@@ -59,6 +68,9 @@ class Scheduler:
         self.eos_token_ids = tuple(eos_token_ids)   # stop a sequence (unless ignore_eos)
         self.max_model_len = max_model_len
         self.sliding_window = sliding_window
+        self.speculative = speculative
+        self.proposer = NgramProposer(speculative) \
+            if speculative is not None and speculative.method == "ngram" else None
         self.stats = stats or block_manager.stats
         self.lora_slots: LoRASlots | None = None   # the engine's, with enable_lora
         self.requests: dict[str, Request] = {}     # the registry of live requests
@@ -120,7 +132,7 @@ class Scheduler:
                 i += 1              # forked in this step, a beam waiting for its siblings, or
                                     # (beams forked past max_num_seqs) no row left this step
             elif self._reserve(seq, min(seq.num_tokens - seq.num_computed_tokens, step.budget),
-                               step):
+                               step, *self._proposals(seq, step.budget)):
                 i += 1
         if not out.preempted:
             self._swap_in(step)
@@ -151,16 +163,39 @@ class Scheduler:
             out.lora_loads.append((placed[0], seq.lora_name))
         return True
 
-    def _reserve(self, seq: Sequence, n: int, step: "_Step") -> bool:
-        """Pages (and private copies of shared ones) for `seq` to compute n more tokens,
-        preempting the newest running sequences; False if `seq` itself had to go."""
-        bm, start = self.block_manager, seq.num_computed_tokens
+    def _proposals(self, seq: Sequence, budget: int) -> tuple[int, tuple[int, ...]]:
+        """(number of speculative slots, n-gram proposals) for a running sequence's step: none
+        unless it decodes (one token to compute) with room left in the budget, its max_tokens
+        and max_model_len. Beams (they need every step's top-k candidates) and structured
+        outputs (the grammar advances token by token) are never speculated."""
+        spec = self.speculative
+        if spec is None or seq.num_tokens - seq.num_computed_tokens != 1 or \
+                self.requests[seq.request_id].beam is not None or \
+                getattr(seq.params, "structured_outputs", None) is not None:
+            return 0, ()
+        k = min(spec.num_speculative_tokens, budget - 1,
+                seq.max_tokens - seq.num_output_tokens - 1)
+        if self.max_model_len is not None:
+            k = min(k, self.max_model_len - seq.num_tokens)
+        if k <= 0:
+            return 0, ()
+        if self.proposer is None:
+            return k, ()                       # a draft fills them in (the runner)
+        ids = self.proposer.propose(seq.token_ids, k)
+        return len(ids), ids
+
+    def _reserve(self, seq: Sequence, n: int, step: "_Step", num_spec: int = 0,
+                 spec_ids: tuple[int, ...] = ()) -> bool:
+        """Pages (and private copies of shared ones) for `seq` to compute n more tokens (and
+        `num_spec` proposals after them), preempting the newest running sequences; False if
+        `seq` itself had to go."""
+        bm, start, n_all = self.block_manager, seq.num_computed_tokens, n + num_spec
         while True:
-            if bm.allocate(seq, start + n):
-                copies = bm.make_writable(seq, start, start + n)
+            if bm.allocate(seq, start + n_all):
+                copies = bm.make_writable(seq, start, start + n_all)
                 if copies is not None:
                     step.out.pages_to_copy += copies
-                    step.add(seq, n)
+                    step.add(seq, n, num_spec, spec_ids)
                     self._fork_if_prompt_done(seq, n, step)
                     return True
             victim = self.running.pop()
@@ -295,6 +330,9 @@ class Scheduler:
             seq = request.seq(row.seq_id)
             if result.prompt_logprobs is not None and result.prompt_logprobs[i] is not None:
                 _record_prompt_logprobs(seq, row, result.prompt_logprobs[i])
+            if row.num_spec_tokens:
+                updates.append(SeqUpdate(request, seq, self._apply_speculative(seq, row, result, i)))
+                continue
             seq.num_computed_tokens += row.num_new_tokens
             self.block_manager.commit(seq)
             if self.sliding_window is not None:   # the next token sees positions > its own - W
@@ -315,6 +353,32 @@ class Scheduler:
                 self._advance_beams(request)
                 updates.append(SeqUpdate(request, None, []))
         return updates
+
+    def _apply_speculative(self, seq: Sequence, row: ScheduledSeq, result: StepResult,
+                           i: int) -> list[int]:
+        """A row that verified proposals: append the accepted ones and the sampler's token (token
+        stops apply to each), advance past the accepted ones only, give back the pages of the
+        rejected slots, then name the newly full (verified) pages in the prefix cache."""
+        accepted = len(result.tokens(i)) - 1
+        stats = self.stats
+        stats.spec_decode_num_drafts += 1
+        stats.spec_decode_num_draft_tokens += row.num_spec_tokens
+        stats.spec_decode_num_accepted_tokens += accepted
+        per_pos = list(stats.spec_decode_num_accepted_tokens_per_pos)
+        per_pos += [0] * (accepted - len(per_pos))
+        for j in range(accepted):
+            per_pos[j] += 1
+        stats.spec_decode_num_accepted_tokens_per_pos = tuple(per_pos)
+        appended = self._append(seq, result, i)
+        if seq.is_finished:                     # its pages are freed already
+            return appended
+        seq.num_computed_tokens = row.num_computed_tokens + 1 + accepted
+        self.block_manager.trim(seq, seq.num_computed_tokens)
+        self.block_manager.commit(seq)
+        if self.sliding_window is not None:
+            self.block_manager.release_before(
+                seq, seq.num_computed_tokens - self.sliding_window + 1)
+        return appended
 
     def _append(self, seq: Sequence, result: StepResult, row: int) -> list[int]:
         """Append row `row`'s tokens to `seq` until one stops it; returns those appended."""
@@ -418,9 +482,10 @@ class _Step:
         """Room in this step for `seq` and the samples it may fork (rows <= max_num_seqs)."""
         return len(self.out.scheduled) + 1 + len(seq.pending_forks) <= max_rows
 
-    def add(self, seq: Sequence, n: int) -> None:
+    def add(self, seq: Sequence, n: int, num_spec: int = 0, spec_ids: tuple[int, ...] = ()) -> None:
         self.seq_ids.add(seq.seq_id)
         self.out.scheduled.append(ScheduledSeq(
-            seq.seq_id, seq.request_id, seq.num_computed_tokens, n, seq.token_ids,
-            seq.num_prompt_tokens, tuple(seq.block_table), seq.params, seq.seed))
-        self.budget -= n
+            seq.seq_id, seq.request_id, seq.num_computed_tokens, n + num_spec, seq.token_ids,
+            seq.num_prompt_tokens, tuple(seq.block_table), seq.params, seq.seed,
+            num_spec_tokens=num_spec, spec_token_ids=spec_ids))
+        self.budget -= n + num_spec

@@ -50,6 +50,13 @@ class Stats:
     step_seconds: float = 0.0
     num_prompt_tokens: int = 0       # prompt tokens of requests added
     num_generation_tokens: int = 0   # tokens sampled and kept
+    # speculative decoding (vLLM's spec_decode_* counters; scheduler, runner)
+    spec_decode_num_drafts: int = 0          # rows that verified proposals
+    spec_decode_num_draft_tokens: int = 0    # proposals verified
+    spec_decode_num_accepted_tokens: int = 0
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()   # accepted at position j
+    spec_decode_draft_seconds: float = 0.0   # draft model calls (layer_skip)
+    spec_decode_verify_seconds: float = 0.0  # steps that verified proposals, end to end
 
     @property
     def num_compilations(self) -> int:
@@ -58,6 +65,18 @@ class Stats:
     @property
     def num_preemptions(self) -> int:
         return self.preemptions_recompute + self.preemptions_swap
+
+    @property
+    def spec_decode_acceptance_rate(self) -> float:
+        """Accepted / verified proposals (0 when none)."""
+        return self.spec_decode_num_accepted_tokens / max(self.spec_decode_num_draft_tokens, 1)
+
+    @property
+    def spec_decode_mean_accepted_length(self) -> float:
+        """Tokens a speculating row gains per step: 1 + accepted proposals per draft (vLLM's
+        mean acceptance length); 0 before any."""
+        drafts = self.spec_decode_num_drafts
+        return 1 + self.spec_decode_num_accepted_tokens / drafts if drafts else 0.0
 
     @property
     def host_seconds(self) -> float:
@@ -70,7 +89,9 @@ class Stats:
 
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
-        out.update(num_compilations=self.num_compilations, num_preemptions=self.num_preemptions)
+        out.update(num_compilations=self.num_compilations, num_preemptions=self.num_preemptions,
+                   spec_decode_acceptance_rate=self.spec_decode_acceptance_rate,
+                   spec_decode_mean_accepted_length=self.spec_decode_mean_accepted_length)
         return out
 
     def copy(self) -> "Stats":

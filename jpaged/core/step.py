@@ -36,6 +36,10 @@ class ScheduledSeq:
     block_table: tuple[int, ...]  # page ids covering every token computed so far and now
     params: SamplingParams
     seed: int                    # per-sequence sampling seed
+    # speculative decoding: the last num_spec_tokens of the num_new_tokens are proposals that
+    # follow the sequence's last token (spec_token_ids; empty until a draft model fills them)
+    num_spec_tokens: int = 0
+    spec_token_ids: tuple[int, ...] = ()
     # its LoRA adapter's device slot (0: none; core/lora_slots.py)
     lora_slot: int = dataclasses.field(default=0, kw_only=True)
     # this step computes the sequence's last token, so its sample is kept (False for a chunk of
@@ -45,7 +49,8 @@ class ScheduledSeq:
 
     def __post_init__(self):
         object.__setattr__(self, "samples",
-                           self.num_computed_tokens + self.num_new_tokens == len(self.token_ids))
+                           self.num_computed_tokens + self.num_new_tokens - self.num_spec_tokens
+                           == len(self.token_ids))
         object.__setattr__(self, "num_output_tokens", len(self.token_ids) - self.num_prompt_tokens)
 
 
@@ -83,8 +88,9 @@ class PromptLogprobs:
 class StepResult:
     """What the device produced for a SchedulerOutput, row for row (NumPy, B = its rows).
 
-    NOTE: one token per row today; `token_ids` is [B, A] so that a step may accept several
-    tokens per row (speculative decoding): row i produced token_ids[i, :num_tokens[i]].
+    NOTE: `token_ids` is [B, A] so that a step may accept several tokens per row (speculative
+    decoding: the accepted proposals, then the sampler's own token): row i produced
+    token_ids[i, :num_tokens[i]].
     """
     token_ids: np.ndarray                   # [B, A] int32
     num_tokens: np.ndarray | None = None    # [B] int32 (None: one token per row)

@@ -39,6 +39,8 @@ class StepKey:
     num_pages: int       # P, block-table width, padded
     decode_only: bool
     prompt_logprobs: bool = False   # the step also scores prompt tokens (wants_prompt_logprobs)
+    # A = 1 + k: logits at A positions per sequence (some row verifies speculative proposals)
+    spec_width: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +99,9 @@ def thinned(buckets: list[int], ratio: int) -> list[int]:
 
 class BucketPolicy:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 page_size: int):
+                 page_size: int, num_speculative_tokens: int = 0):
         self.page_size = page_size
+        self.num_speculative_tokens = num_speculative_tokens
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.seqs = geometric_buckets(1, max_num_seqs)
@@ -115,7 +118,9 @@ class BucketPolicy:
             num_seqs=num_seqs,
             num_pages=pick(self.pages, max(len(r.block_table) for r in rows)),
             decode_only=decode_only,
-            prompt_logprobs=any(wants_prompt_logprobs(r) for r in rows))
+            prompt_logprobs=any(wants_prompt_logprobs(r) for r in rows),
+            spec_width=1 + self.num_speculative_tokens if any(r.num_spec_tokens for r in rows)
+            else 1)
 
     def warmup_plan(self, mode: Literal["full", "auto"] = "full") -> list[WarmupStep]:
         """One fake batch per bucket to compile before serving (see the module docstring)."""

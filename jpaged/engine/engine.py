@@ -26,6 +26,7 @@ from jpaged.core.block_manager import BlockManager
 from jpaged.core.lora_slots import LoRASlots
 from jpaged.core.request import Request
 from jpaged.core.scheduler import PREEMPTION_MODES, Scheduler
+from jpaged.core.speculative import SpeculativeConfig
 from jpaged.core.stats import Stats
 from jpaged.distributed import CallLog, exit_on_peer_failure
 from jpaged.engine.attention import ProbeShape, select_attention
@@ -36,6 +37,7 @@ from jpaged.engine.input_processor import InputProcessor
 from jpaged.engine.lora import LoRAManager
 from jpaged.engine.output_processor import OutputProcessor
 from jpaged.engine.runner import ModelRunner
+from jpaged.engine.speculative import LayerSkipDrafter
 from jpaged.models import CausalLM, KVCache
 from jpaged.models.kv_cache import KV_CACHE_DTYPES, cache_dtype
 from jpaged.outputs import RequestOutput
@@ -85,8 +87,13 @@ class EngineConfig:
     # vLLM's name: "auto" (the model's dtype), "int8", "fp8" (= "fp8_e4m3") or "fp8_e5m2" pages,
     # with a scale per token and KV head (models/kv_cache.py)
     kv_cache_dtype: str = "auto"
+    # vLLM's speculative_config dict ({"method": "ngram" | "layer_skip", ...}), validated into a
+    # SpeculativeConfig (jpaged/core/speculative.py); None: off
+    speculative_config: dict | SpeculativeConfig | None = None
 
     def __post_init__(self):
+        if self.speculative_config is not None:   # ValueError naming the key
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
@@ -154,19 +161,22 @@ class LLMEngine:
         num_host_pages = int(config.swap_space * _GIB // page_bytes) \
             if config.preemption_mode == "swap" else 0
         eos_token_ids = tuple(checkpoint.eos_token_ids)
+        spec = self._speculative_config()
         self._stats = Stats(kv_page_size=config.page_size)
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching,
                                           num_host_pages, stats=self._stats)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    config.max_num_batched_tokens, config.preemption_mode,
                                    eos_token_ids=eos_token_ids, max_model_len=self.max_model_len,
-                                   stats=self._stats, sliding_window=_shared_window(mc))
+                                   stats=self._stats, sliding_window=_shared_window(mc),
+                                   speculative=spec)
         self.lora = self._lora_manager(params) if config.enable_lora else None
         if self.lora is not None:
             self.scheduler.lora_slots = LoRASlots(config.max_loras)
         buckets = BucketPolicy(max_num_seqs=config.max_num_seqs,
                                max_num_batched_tokens=config.max_num_batched_tokens,
-                               max_model_len=self.max_model_len, page_size=config.page_size)
+                               max_model_len=self.max_model_len, page_size=config.page_size,
+                               num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
         # NOTE: start-up. Zero-filling the KV pool (GiBs on CPU) is bound by page faults; it runs
         # on a thread while this one lays out the weights (ModelRunner), so the two overlap.
         with ThreadPoolExecutor(1, thread_name_prefix="jpaged-kv-alloc") as allocator:
@@ -176,7 +186,8 @@ class LLMEngine:
                 num_host_pages=num_host_pages, stats=self._stats, lora=self.lora,
                 shardings=self.parallel.step_shardings(params, config.kv_cache_dtype)
                 if self.parallel else None,
-                compile_in_background=config.compile_in_background and jax.process_count() == 1)
+                compile_in_background=config.compile_in_background and jax.process_count() == 1,
+                drafter=self._layer_skip_drafter(spec, run_config, fns))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.input_processor = InputProcessor(
             self.tokenizer, self.output_processor.tokenizer_lock, vocab_size=mc.vocab_size,
@@ -508,6 +519,30 @@ class LLMEngine:
         return failed
 
     # ---- internals -------------------------------------------------------------------------
+    def _speculative_config(self) -> SpeculativeConfig | None:
+        spec = self.config.speculative_config
+        if spec is None:
+            return None
+        if spec.method == "layer_skip":          # num_layers checked against the model's
+            spec = SpeculativeConfig.from_dict(
+                {"method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens,
+                 "num_layers": spec.num_layers}, self.model_config.num_layers)
+        logger.info("speculative decoding: %s, k=%d%s", spec.method, spec.num_speculative_tokens,
+                    f", draft = the first {spec.num_layers} of {self.model_config.num_layers} "
+                    f"layers" if spec.method == "layer_skip" else
+                    f", n-grams {spec.prompt_lookup_min}..{spec.prompt_lookup_max}")
+        return spec
+
+    def _layer_skip_drafter(self, spec, run_config, fns) -> LayerSkipDrafter | None:
+        """The target's first m layers as a model over the same params and cache."""
+        if spec is None or spec.method != "layer_skip":
+            return None
+        draft = CausalLM(dataclasses.replace(run_config, num_layers=spec.num_layers), self.dtype,
+                         fns, moe=self.parallel.moe_fn() if self.parallel and
+                         self.model_config.is_moe else None)
+        return LayerSkipDrafter(draft, self.config.page_size, spec.num_speculative_tokens,
+                                self._stats)
+
     def _zeros_cache(self, num_pages: int) -> KVCache:
         cfg = self.config
         if self.parallel:

@@ -28,6 +28,7 @@ from jpaged.core.step import PromptLogprobs, ScheduledSeq, SchedulerOutput, Step
 from jpaged.engine.buckets import BucketPolicy, StepKey, WarmupStep, wants_prompt_logprobs
 from jpaged.engine.page_mover import PageMover
 from jpaged.engine.sampler import SamplerFlags, SamplingTensors, build_sampling_tensors, sample
+from jpaged.engine.speculative import LayerSkipDrafter, Verifier
 from jpaged.engine.step_inputs import StepInputs, build_step_inputs
 from jpaged.models import CausalLM, KVCache, arrange_layers
 from jpaged.models.weights import is_per_layer, stacked_shapes
@@ -49,7 +50,8 @@ def step(model: CausalLM, params, kv_cache: KVCache, batch: StepInputs, lora=Non
     TokenLogprobs of the prompt tokens when the batch scores some, else None). `lora`: a
     LoRABatch (the adapter slots and each token's slot; jpaged/models/lora.py) or None."""
     out = model.apply({"params": params}, batch.token_ids, batch.positions, kv_cache,
-                      batch.metadata, batch.logprob_targets, lora=lora)
+                      batch.metadata, batch.logprob_targets, lora=lora,
+                      logits_indices=batch.logits_indices)
     return out if len(out) == 3 else (*out, None)
 
 
@@ -57,7 +59,8 @@ class ModelRunner:
     def __init__(self, model: CausalLM, params, kv_cache: KVCache | Future, buckets: BucketPolicy,
                  *, eos_token_ids: tuple[int, ...], max_model_len: int, num_host_pages: int = 0,
                  shardings: tuple | None = None, stats: Stats | None = None,
-                 compile_in_background: bool = False, lora=None):
+                 compile_in_background: bool = False, lora=None,
+                 drafter: LayerSkipDrafter | None = None):
         """`params` in the layout of jpaged/models/weights.py (either placement: they are
         arranged here, per layer on one CPU device). `kv_cache` may still be being allocated (a
         Future, resolved after the weights are laid out). `shardings`: (in_shardings,
@@ -67,6 +70,9 @@ class ModelRunner:
         self.model = model
         self.lora = lora
         self.stats = stats or Stats()
+        # speculative decoding (engine/speculative.py): layer_skip's drafter, the verifier
+        self.drafter = drafter
+        self.verifier = Verifier(model.config.vocab_size, max_model_len, self.stats)
         self.params = arrange_layers(params)
         self.kv_cache = kv_cache = kv_cache.result() if isinstance(kv_cache, Future) else kv_cache
         self.page_size = kv_cache.page_size
@@ -106,6 +112,8 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Apply the step's page moves (swaps, copy-on-write), run the step, and sample."""
         self.kv_cache = self.pages.apply(out, self.kv_cache)
+        if any(r.num_spec_tokens for r in out.scheduled):
+            return self._execute_speculative(out)
         fn, key, inputs = self._executable(out.scheduled)
         if self.lora is not None:
             self.lora.apply_loads(out.lora_loads)
@@ -123,6 +131,32 @@ class ModelRunner:
         self.stats.device_wait_seconds += time.perf_counter() - waiting
         return StepResult(token_ids=rows[0], logprobs=rows[1], top_ids=rows[2],
                           top_logprobs=rows[3], prompt_logprobs=prompt_logprobs)
+
+    def _execute_speculative(self, out: SchedulerOutput) -> StepResult:
+        """A step where some rows verify proposals (drafted first when a draft model makes
+        them): logits at k + 1 positions of each row, verified on device (Verifier)."""
+        start, rows = time.perf_counter(), out.scheduled
+        if self.drafter is not None:
+            key = self.buckets.key_for(rows)
+            rows, self.kv_cache = self.drafter.draft(self.params, self.kv_cache, rows,
+                                                     key.num_seqs, key.num_pages)
+        fn, key, inputs = self._executable(rows)
+        if self.lora is not None:
+            self.lora.apply_loads(out.lora_loads)
+        logits, self.kv_cache, token_logprobs = fn(self.params, self.kv_cache, inputs,
+                                                   self._lora_batch(rows, inputs))
+        results = self.verifier(logits, rows, key.num_seqs, key.spec_width, self.eos_token_ids)
+        n = len(rows)
+        waiting = time.perf_counter()
+        tokens, num_tokens, logprobs, top_ids, top_lp = [
+            None if x is None else np.asarray(_local(x))[:n] for x in results]
+        prompt_logprobs = None if token_logprobs is None else _per_row(
+            rows, jax.tree.map(lambda x: np.asarray(_local(x)), token_logprobs))
+        now = time.perf_counter()
+        self.stats.device_wait_seconds += now - waiting
+        self.stats.spec_decode_verify_seconds += now - start
+        return StepResult(token_ids=tokens, num_tokens=num_tokens, logprobs=logprobs,
+                          top_ids=top_ids, top_logprobs=top_lp, prompt_logprobs=prompt_logprobs)
 
     def warm_up(self, plan: list[WarmupStep]) -> None:
         """Compile `plan`'s buckets (with JAX's persistent compilation cache on, a restart loads
@@ -182,7 +216,7 @@ class ModelRunner:
         fits = [k for k in self._steps
                 if k.num_tokens >= key.num_tokens and k.num_seqs >= key.num_seqs
                 and k.num_pages >= key.num_pages and (key.decode_only or not k.decode_only)
-                and k.prompt_logprobs == key.prompt_logprobs]
+                and k.prompt_logprobs == key.prompt_logprobs and k.spec_width == key.spec_width]
         return min(fits, default=None, key=lambda k: (not k.decode_only, k.num_tokens,
                                                       k.num_pages, k.num_seqs))
 

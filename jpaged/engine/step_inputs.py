@@ -22,10 +22,14 @@ class StepInputs:
     positions: jax.Array          # [T] int32
     metadata: AttentionMetadata
     logprob_targets: jax.Array | None = None   # [T] int32, the prompt token after each (-1: none)
+    # [B * A] int32 (speculative steps, A = key.spec_width): the token index of row b's logits
+    # at position j is entry b * A + j (its last k + 1 tokens; the last token repeated past them)
+    logits_indices: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(StepInputs, data_fields=["token_ids", "positions", "metadata",
-                                                          "logprob_targets"], meta_fields=[])
+                                                          "logprob_targets", "logits_indices"],
+                                 meta_fields=[])
 
 
 def build_step_inputs(rows: list[ScheduledSeq], key: StepKey, page_size: int) -> StepInputs:
@@ -49,14 +53,27 @@ def build_step_inputs(rows: list[ScheduledSeq], key: StepKey, page_size: int) ->
     token_ids = np.zeros(key.num_tokens, np.int32)
     if num_real:
         token_ids[:num_real] = np.concatenate(
-            [r.token_ids[r.num_computed_tokens:r.num_computed_tokens + r.num_new_tokens]
-             for r in rows])
+            [[*r.token_ids[r.num_computed_tokens:
+                           r.num_computed_tokens + r.num_new_tokens - r.num_spec_tokens],
+              *r.spec_token_ids] for r in rows])
     slots = np.zeros(key.num_tokens, np.int32)
     slots[:num_real] = slot_mapping(block_tables, row, positions[:num_real], page_size)
     metadata = AttentionMetadata(block_tables, slots, context_lens, query_start_loc,
                                  decode_only=key.decode_only)
     targets = _logprob_targets(rows, key.num_tokens) if key.prompt_logprobs else None
-    return StepInputs(token_ids, positions, metadata, targets)
+    indices = _logits_indices(rows, query_start_loc, key) if key.spec_width > 1 else None
+    return StepInputs(token_ids, positions, metadata, targets, indices)
+
+
+def _logits_indices(rows: list[ScheduledSeq], query_start_loc: np.ndarray,
+                    key: StepKey) -> np.ndarray:
+    """[B * A]: row b's last token index at j = num_spec_tokens, its proposals' before it."""
+    width = key.spec_width
+    last = np.maximum(query_start_loc[1:] - 1, 0)                              # [B]
+    spec = np.zeros(key.num_seqs, np.int32)
+    spec[:len(rows)] = [r.num_spec_tokens for r in rows]
+    j = np.arange(width, dtype=np.int32)[None, :]
+    return np.minimum(last[:, None] - spec[:, None] + j, last[:, None]).reshape(-1)
 
 
 def _logprob_targets(rows: list[ScheduledSeq], num_tokens: int) -> np.ndarray:

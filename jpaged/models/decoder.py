@@ -281,14 +281,15 @@ class CausalLM(nn.Module):
 
     @nn.compact
     def __call__(self, token_ids, positions, kv_cache: KVCache, metadata: AttentionMetadata,
-                 logprob_targets=None, lora=None):
+                 logprob_targets=None, lora=None, logits_indices=None):
         """token_ids, positions [T] -> (logits [B, V] float32 of each sequence's last token, cache).
 
         Params: the layout of jpaged/models/weights.py, the layer stack in either placement.
         `logprob_targets` [T] int32 (prompt log-probabilities): for each new token, the token that
         follows it (-1: none wanted); a third result, TokenLogprobs, then holds their log-probs.
         `lora`: a LoRABatch (jpaged/models/lora.py), each token's adapter delta on every
-        projection.
+        projection. `logits_indices` [R] int32 (speculative decoding): the logits are those of
+        these tokens, [R, V], instead of each sequence's last.
         """
         c = self.config
         # NOTE: the embedding table, the LM head and the layer stack are variables, not Flax
@@ -312,7 +313,8 @@ class CausalLM(nn.Module):
 
         (x, kv_cache), _ = jax.lax.scan(body, (x, kv_cache),
                                         jnp.arange(c.num_layers, dtype=jnp.int32))
-        last = jnp.maximum(metadata.query_start_loc[1:] - 1, 0)              # [B]
+        last = jnp.maximum(metadata.query_start_loc[1:] - 1, 0) \
+            if logits_indices is None else logits_indices                    # [B] or [R]
         scale = self.param("norm", lambda key: {"scale": jnp.ones((c.hidden_size,), self.dtype)})
         if c.tie_word_embeddings:
             head = lambda h: project(h, embedding, transposed=True)          # noqa: E731

@@ -1,0 +1,247 @@
+"""Speculative decoding (#20): n-gram prompt lookup and layer-skip self-speculation inside the
+engine's continuous batching; greedy tokens identical to the plain engine's, rejection sampling's
+output distribution equal to plain sampling's (chi-square), pages rolled back and all free."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from jpaged import LLM, SamplingParams
+from jpaged.core.block_manager import BlockManager
+from jpaged.core.sequence import Sequence
+from jpaged.core.speculative import NgramProposer, SpeculativeConfig
+from jpaged.engine.sampler import SamplerFlags, build_sampling_tensors
+from jpaged.engine.speculative import position_rows, verify
+from jpaged.core.step import ScheduledSeq
+
+SMOL = dict(page_size=16, max_model_len=512, max_num_seqs=8, max_num_batched_tokens=256)
+GROUNDED = [
+    "Copy this sentence exactly, twice: The old lighthouse keeper climbed the spiral stairs "
+    "every evening to light the lamp.",
+    "List the colours in: red apples, green pears, yellow bananas, red cherries, green limes.",
+    "Hello",
+    "The cat sat on the mat. The cat sat on the mat. The cat sat on the",
+]
+
+
+def ngram(k: int) -> dict:
+    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4,
+            "prompt_lookup_min": 1}
+
+
+def assert_all_pages_free(llm: LLM):
+    bm = llm.llm_engine.block_manager
+    assert bm.num_free_pages == bm.num_usable_pages
+    assert bm.refcounts == [0] * bm.num_pages
+    assert not llm.llm_engine.scheduler.running and not llm.llm_engine.scheduler.waiting
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(c.token_ids) for o in outputs for c in o.outputs]
+
+
+# ---- host side -------------------------------------------------------------------------------
+@pytest.mark.parametrize("config, key", [
+    ({"method": "medusa", "num_speculative_tokens": 3}, "method"),
+    ({"method": "ngram", "num_speculative_tokens": 0}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": "3"}, "num_speculative_tokens"),
+    ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 6}, "prompt_lookup_min"),
+    ({"method": "ngram", "num_speculative_tokens": 3, "num_layers": 4}, "num_layers"),
+    ({"method": "layer_skip", "num_speculative_tokens": 3}, "num_layers"),
+    ({"method": "draft_model", "num_speculative_tokens": 3, "model": "x"}, "draft_model"),
+])
+def test_invalid_configs_name_the_key(config, key):
+    with pytest.raises(ValueError, match=key):
+        SpeculativeConfig.from_dict(config)
+
+
+def test_layer_skip_needs_fewer_layers_than_the_model():
+    with pytest.raises(ValueError, match=r"num_layers.*\[1, 29\].*30"):
+        SpeculativeConfig.from_dict({"method": "layer_skip", "num_speculative_tokens": 2,
+                                     "num_layers": 30}, num_model_layers=30)
+
+
+def test_ngram_proposer_takes_the_longest_latest_match():
+    p = NgramProposer(SpeculativeConfig.from_dict(ngram(3)))
+    assert p.propose([5, 6, 7, 8, 9, 5, 6, 7], 3) == (8, 9, 5)        # 3-gram 5 6 7
+    assert p.propose([1, 2, 3, 1, 2, 4, 1, 2], 2) == (4, 1)           # latest "1 2"
+    assert p.propose([1, 2, 3, 4, 3], 3) == (4, 3)                    # 1-gram, runs to the end
+    assert p.propose([1, 2, 3, 4], 3) == ()                           # nothing repeats
+    p2 = NgramProposer(SpeculativeConfig.from_dict(
+        {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 2}))
+    assert p2.propose([1, 2, 3, 4, 3], 3) == ()                       # 1-grams are too short
+
+
+def test_trim_releases_the_rejected_pages():
+    bm = BlockManager(num_pages=8, page_size=4)
+    seq = Sequence("r", 0, list(range(6)), SamplingParams(), 0, 16)
+    assert bm.allocate(seq, 13)                                       # 6 tokens + proposals
+    assert seq.block_table == [1, 2, 3, 4]
+    bm.trim(seq, 8)                                                   # two pages' worth kept
+    assert seq.block_table == [1, 2]
+    assert bm.refcounts[:5] == [0, 1, 1, 0, 0]
+    assert list(bm.free_pages) == [5, 6, 7, 4, 3]                     # last page first
+    bm.free(seq)
+    assert bm.all_free()
+
+
+# ---- the verifier: exact distribution ---------------------------------------------------------
+def _row(params, seed, num_output, spec=()):
+    prompt = [0, 1, 2]
+    ids = prompt + [3] * num_output
+    return ScheduledSeq(seq_id=seed, request_id=str(seed), num_computed_tokens=len(ids) - 1,
+                        num_new_tokens=1 + len(spec), token_ids=ids, num_prompt_tokens=3,
+                        block_table=(1,), params=params, seed=seed, num_spec_tokens=len(spec),
+                        spec_token_ids=tuple(spec))
+
+
+def test_rejection_sampling_matches_the_target_distribution():
+    """Position 0 of 4,000 rows, each proposing token 2 (p = 0.3) or token 5 (p = 0.02): the
+    kept token's frequencies equal p (chi-square, fixed seeds); so do 4,000 plain samples."""
+    from scipy.stats import chisquare
+    vocab, width, rows = 8, 3, 4000
+    p = np.array([0.05, 0.1, 0.3, 0.15, 0.2, 0.02, 0.08, 0.1])
+    logits = np.tile(np.log(p), (rows * width, 1)).astype(np.float32)
+    params = SamplingParams(temperature=1.0, max_tokens=64)
+    fn = jax.jit(verify, static_argnames=("flags", "width"))
+    for proposal in (2, 5):
+        batch = [_row(params, seed, 4, spec=(proposal, 1)) for seed in range(rows)]
+        t, flags = build_sampling_tensors(position_rows(batch, width), rows * width, vocab, 64, ())
+        draft = np.array([r.spec_token_ids for r in batch], np.int32)
+        out, num, *_ = fn(logits, t, draft, np.full(rows, 2, np.int32), flags=flags, width=width)
+        first = np.asarray(out)[:, 0]
+        counts = np.bincount(first, minlength=vocab)
+        assert chisquare(counts, p * rows).pvalue > 1e-3, (proposal, counts)
+        accepted = np.asarray(num) > 1
+        assert abs(accepted.mean() - p[proposal]) < 0.03            # accepted with prob p(x)
+        # the position after an accepted proposal is again distributed as p
+        second = np.asarray(out)[accepted, 1]
+        if accepted.sum() > 500:
+            counts2 = np.bincount(second, minlength=vocab)
+            assert chisquare(counts2, p * accepted.sum()).pvalue > 1e-3
+
+
+def test_greedy_verification_accepts_while_equal_to_the_argmax():
+    vocab, width = 6, 4
+    logits = np.full((2 * width, vocab), -5.0, np.float32)
+    for i, best in enumerate([1, 2, 3, 4, 0, 0, 0, 0]):
+        logits[i, best] = 5.0
+    params = SamplingParams(temperature=0.0, max_tokens=64)
+    batch = [_row(params, 0, 1, spec=(1, 2, 5)), _row(params, 1, 1)]
+    t, flags = build_sampling_tensors(position_rows(batch, width), 2 * width, vocab, 64, ())
+    draft = np.array([[1, 2, 5], [0, 0, 0]], np.int32)
+    out, num, *_ = verify(logits, t, draft, np.array([3, 0], np.int32), flags=flags, width=width)
+    assert np.asarray(num).tolist() == [3, 1]
+    assert np.asarray(out)[0, :3].tolist() == [1, 2, 3] and int(out[1, 0]) == 0
+
+
+# ---- SmolLM2: greedy identical, in mixed batches, under preemption ---------------------------
+@pytest.fixture(scope="module")
+def smol_plain(smollm2_path):
+    llm = LLM(str(smollm2_path), **SMOL, num_pages=160)
+    return llm, llm.generate(GROUNDED, SamplingParams(temperature=0, max_tokens=48),
+                             use_tqdm=False)
+
+
+@pytest.mark.parametrize("spec", [ngram(1), ngram(3), ngram(5),
+                                  {"method": "layer_skip", "num_speculative_tokens": 3,
+                                   "num_layers": 24}], ids=["ngram1", "ngram3", "ngram5",
+                                                           "layer_skip3"])
+def test_smollm2_greedy_identical(smollm2_path, smol_plain, spec):
+    """Every method and k: the same tokens as without speculation, with prompts whose proposals
+    are accepted, rejected or missing in the same steps as prefill chunks; all pages free."""
+    llm = LLM(str(smollm2_path), **SMOL, num_pages=160, speculative_config=spec)
+    steps = _record_steps(llm)
+    out = llm.generate(GROUNDED, SamplingParams(temperature=0, max_tokens=48), use_tqdm=False)
+    assert token_ids(out) == token_ids(smol_plain[1])
+    stats = llm.stats()
+    assert stats.spec_decode_num_draft_tokens > 0
+    assert 0 < stats.spec_decode_num_accepted_tokens <= stats.spec_decode_num_draft_tokens
+    assert any(mixed for mixed in steps), "no step mixed proposals with plain rows"
+    assert_all_pages_free(llm)
+
+
+def _record_steps(llm: LLM) -> list[bool]:
+    """Per step: did it hold rows with proposals beside rows without any."""
+    runner, seen = llm.llm_engine.runner, []
+    execute = runner.execute
+
+    def recording(out):
+        spec = [r.num_spec_tokens > 0 for r in out.scheduled]
+        seen.append(any(spec) and not all(spec))
+        return execute(out)
+    runner.execute = recording
+    return seen
+
+
+def test_smollm2_preemption_stop_strings_logprobs(smollm2_path, smol_plain):
+    """Few pages (sequences preempted and recomputed mid-speculation), stop strings, min_tokens
+    and logprobs of the accepted tokens: the same as the plain engine's."""
+    plain = smol_plain[0]
+    llm = LLM(str(smollm2_path), **{**SMOL, "max_num_seqs": 4, "max_model_len": 192}, num_pages=13,
+              speculative_config=ngram(3))
+    params = [SamplingParams(temperature=0, max_tokens=48, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=40, stop=[" lamp"]),
+              SamplingParams(temperature=0, max_tokens=24, min_tokens=20),
+              SamplingParams(temperature=0, max_tokens=48)]
+    out = llm.generate(GROUNDED, params, use_tqdm=False)
+    ref = plain.generate(GROUNDED, params, use_tqdm=False)
+    assert token_ids(out) == token_ids(ref)
+    assert [o.outputs[0].text for o in out] == [o.outputs[0].text for o in ref]
+    assert out[1].outputs[0].finish_reason == ref[1].outputs[0].finish_reason
+    for got, want in zip(out[0].outputs[0].logprobs, ref[0].outputs[0].logprobs):
+        assert got.keys() == want.keys()
+        for tok in got:
+            assert got[tok].logprob == pytest.approx(want[tok].logprob, abs=2e-4)
+    stats = llm.stats()
+    assert stats.num_preemptions > 0 and stats.spec_decode_num_accepted_tokens > 0
+    assert_all_pages_free(llm)
+
+
+# ---- sampling through the engine: seeds and the distribution ---------------------------------
+TINY_VOCAB = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=16,
+                  hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-5,
+                  max_position_embeddings=256, tie_word_embeddings=False, eos_token_id=15,
+                  bos_token_id=0, rope_theta=10000.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_vocab_checkpoint():
+    from jpaged.models.random_weights import random_checkpoint
+    checkpoint = random_checkpoint(TINY_VOCAB, dtype="float32", seed=1)
+    return dataclasses.replace(checkpoint, params=jax.tree.map(lambda x: x * 40,
+                                                               checkpoint.params))
+
+
+def test_engine_sampling_distribution_and_seeds(tiny_vocab_checkpoint):
+    """2,000 seeded samples of 3 tokens after a repetitive prompt (so n-grams propose): each
+    output position's token frequencies under speculation match plain sampling's (chi-square
+    test of homogeneity); the same seeds give the same tokens again; n > 1 works."""
+    from scipy.stats import chi2_contingency
+    engine = dict(page_size=4, num_pages=600, max_model_len=64, max_num_seqs=64,
+                  max_num_batched_tokens=512, compilation_cache_dir="off")
+    spec = LLM.from_checkpoint(tiny_vocab_checkpoint, **engine, speculative_config=ngram(3))
+    plain = LLM.from_checkpoint(tiny_vocab_checkpoint, **engine)
+    # the model's own greedy continuation, so n-gram proposals are often the likely tokens
+    greedy = plain.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    prompt = {"prompt_token_ids": [3, 4, 5, *greedy]}
+    params = [SamplingParams(temperature=1.0, max_tokens=3, min_tokens=3, ignore_eos=True,
+                             seed=s, n=2) for s in range(1000)]
+    got = np.array(token_ids(spec.generate([prompt] * 1000, params, use_tqdm=False)))
+    want = np.array(token_ids(plain.generate([prompt] * 1000, params, use_tqdm=False)))
+    assert spec.stats().spec_decode_num_accepted_tokens > 300, spec.stats()
+    for j in range(3):
+        table = np.stack([np.bincount(got[:, j], minlength=16), np.bincount(want[:, j],
+                                                                           minlength=16)])
+        table = table[:, table.sum(axis=0) > 0]
+        assert chi2_contingency(table).pvalue > 1e-3, (j, table)
+    again = np.array(token_ids(spec.generate([prompt] * 50, params[:50], use_tqdm=False)))
+    assert (again == got[:100]).all()
+    assert_all_pages_free(spec)
+    assert_all_pages_free(plain)
