@@ -40,6 +40,15 @@ class AbortRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class UnloadLoRA:
+    """Forget a LoRA adapter once no live request uses it (LLMEngine.unload_lora)."""
+    lora_name: str
+
+    def replay(self, engine: "LLMEngine") -> None:
+        engine.unload_lora(self.lora_name)
+
+
+@dataclasses.dataclass(frozen=True)
 class StopFollowers:
     """Process 0 is done: the other processes leave `run_follower`."""
 
@@ -47,4 +56,4 @@ class StopFollowers:
         engine.stopped = True
 
 
-EngineCall = AddRequest | AbortRequest | StopFollowers
+EngineCall = AddRequest | AbortRequest | UnloadLoRA | StopFollowers

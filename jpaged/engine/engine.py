@@ -31,7 +31,7 @@ from jpaged.core.stats import Stats
 from jpaged.distributed import CallLog, exit_on_peer_failure
 from jpaged.engine.attention import ProbeShape, select_attention
 from jpaged.engine.buckets import BucketPolicy, WarmupStep
-from jpaged.engine.calls import AbortRequest, AddRequest, EngineCall, StopFollowers
+from jpaged.engine.calls import AbortRequest, AddRequest, EngineCall, StopFollowers, UnloadLoRA
 from jpaged.engine.compilation_cache import enable_compilation_cache
 from jpaged.engine.input_processor import InputProcessor
 from jpaged.engine.lora import LoRAManager
@@ -171,6 +171,7 @@ class LLMEngine:
                                    stats=self._stats, sliding_window=_shared_window(mc),
                                    speculative=spec)
         self.lora = self._lora_manager(params) if config.enable_lora else None
+        self._loras_to_unload: set[str] = set()     # unload_lora: removed once idle
         if self.lora is not None:
             self.scheduler.lora_slots = LoRASlots(config.max_loras)
         buckets = BucketPolicy(max_num_seqs=config.max_num_seqs,
@@ -314,6 +315,18 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
         return True
 
+    def unload_lora(self, name: str) -> None:
+        """remove_lora from any thread (a server's event loop): done by the step thread once no
+        live request uses the adapter (new requests must no longer name it)."""
+        self._submit(UnloadLoRA(name))
+
+    def _unload_idle_loras(self) -> None:
+        for name in list(self._loras_to_unload):
+            if not self._lora_users(name):
+                self._loras_to_unload.discard(name)
+                self.remove_lora(name)
+                logger.info("LoRA adapter %r unloaded", name)
+
     def list_loras(self) -> list[str]:
         return self._need_lora("list_loras").names()
 
@@ -455,8 +468,11 @@ class LLMEngine:
             elif isinstance(call, AbortRequest):
                 self.scheduler.abort_request(call.request_id)
                 self.output_processor.remove(call.request_id)
+            elif isinstance(call, UnloadLoRA):
+                self._loras_to_unload.add(call.lora_name)
             else:
                 raise TypeError(f"unexpected engine call {call!r}")
+        self._unload_idle_loras()
 
     def _make_request(self, call: AddRequest) -> Request:
         ids, params = call.prompt["prompt_token_ids"], call.params

@@ -180,10 +180,10 @@ class AsyncEngine:
         self._num_waiting += 1
         streams: list[_Stream] = []
         try:
-            for request_id, prompt, params in requests:
-                streams.append(self._add_one(request_id, prompt, params, group))
+            for request_id, prompt, params, *lora in requests:   # lora: [LoRARequest] or []
+                streams.append(self._add_one(request_id, prompt, params, group, *lora))
         except BaseException:
-            for (request_id, _, _), _ in zip(requests, streams):
+            for (request_id, *_), _ in zip(requests, streams):
                 self.abort(request_id)
             self._settle(group, len(requests) - len(streams))
             raise
@@ -196,7 +196,8 @@ class AsyncEngine:
             running = sum(s.num_seqs for s in self._streams.values() if s.started)
         return max(0, self.engine.config.max_num_seqs - running)
 
-    def _add_one(self, request_id: str, prompt, params: SamplingParams, group: _Group) -> _Stream:
+    def _add_one(self, request_id: str, prompt, params: SamplingParams, group: _Group,
+                 lora_request=None) -> _Stream:
         num_seqs = getattr(params, "n", None) or getattr(params, "beam_width", 1)
         stream = _Stream(asyncio.Queue(), asyncio.get_running_loop(), time.monotonic(),
                          group=group, num_seqs=num_seqs)
@@ -205,7 +206,7 @@ class AsyncEngine:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = stream
         try:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, lora_request=lora_request)
         except BaseException:
             with self._streams_lock:
                 self._streams.pop(request_id, None)

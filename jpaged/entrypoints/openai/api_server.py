@@ -51,6 +51,7 @@ from jpaged.entrypoints.openai.protocol import (ChatCompletionRequest, Completio
 from jpaged.entrypoints.openai.serving_chat import OpenAIServingChat
 from jpaged.entrypoints.openai.serving_engine import EventStream, OpenAIError, error_body
 from jpaged.entrypoints.openai.ui import add_ui_routes, capabilities
+from jpaged.lora import LoRARequest
 
 logger = logging.getLogger("jpaged")
 DEFAULT_MAX_BODY_BYTES = 4 << 20      # jpaged serve --max-body-bytes
@@ -237,7 +238,8 @@ def _abort_all(engine: AsyncEngine, request_ids: list[str]) -> None:
 
 def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: str | None = None,
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: ServerMetrics | None = None,
-              lifespan=None, enable_ui: bool = True,
+              lifespan=None, enable_ui: bool = True, lora_modules: dict[str, str] | None = None,
+              allow_runtime_lora_updating: bool = False,
               trust_request_chat_template: bool = False) -> "_Guard":
     """The ASGI app to serve: the FastAPI routes (its `.app`) behind the API-key and body-size
     guard; with `enable_ui`, the chat page at `/` (ui.py)."""
@@ -246,6 +248,8 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: st
                                 trust_request_chat_template=trust_request_chat_template)
     metrics = metrics or ServerMetrics(served_model_names[0])
     app.state.engine, app.state.metrics = engine, metrics
+    for name, path in (lora_modules or {}).items():   # read now: a bad adapter stops the start
+        _add_lora(serving, engine, name, path)
 
     @app.exception_handler(OpenAIError)
     async def openai_error(_: Request, exc: OpenAIError):
@@ -290,8 +294,15 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: st
 
     @app.get("/v1/models")
     async def models():
-        return ModelList(data=[ModelCard(id=name, root=name, max_model_len=serving.max_model_len)
-                               for name in served_model_names]).model_dump()
+        base = [ModelCard(id=name, root=name, max_model_len=serving.max_model_len)
+                for name in served_model_names]
+        adapters = [ModelCard(id=name, root=lora.lora_path, parent=served_model_names[0],
+                              max_model_len=serving.max_model_len)
+                    for name, lora in list(serving.lora_modules.items())]
+        return ModelList(data=base + adapters).model_dump()
+
+    if allow_runtime_lora_updating:
+        _add_lora_routes(app, serving, engine, served_model_names)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -312,9 +323,53 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: st
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    public_paths = add_ui_routes(app, capabilities(served_model_names, serving.max_model_len)) \
+    public_paths = add_ui_routes(app, capabilities(served_model_names, serving.max_model_len, lora_adapters=list(serving.lora_modules))) \
         if enable_ui else frozenset()
     return _Guard(app, api_key, max_body_bytes, public_paths)
+
+
+def _add_lora(serving, engine: AsyncEngine, name: str, path: str) -> None:
+    """Register adapter `name` (read from `path` now) under that model name."""
+    if name in serving.served_model_names or name in serving.lora_modules:
+        raise OpenAIError(f"The lora adapter '{name}' has already been loaded.", param="lora_name")
+    lora = LoRARequest(name, 1 + max((r.lora_int_id for r in serving.lora_modules.values()),
+                                     default=0), path)
+    try:
+        engine.engine.add_lora(lora)
+    except (ValueError, OSError) as exc:
+        raise OpenAIError(str(exc), param="lora_path") from exc
+    serving.lora_modules[name] = lora
+
+
+def _add_lora_routes(app: FastAPI, serving, engine: AsyncEngine,
+                     served_model_names: list[str]) -> None:
+    """vLLM's runtime adapter routes (its VLLM_ALLOW_RUNTIME_LORA_UPDATING; here
+    --allow-runtime-lora-updating), behind the API key like every route."""
+    async def names(request: Request, *fields: str) -> list[str]:
+        body = await _parse(request, None)
+        values = [body.get(f) if isinstance(body, dict) else None for f in fields]
+        for field, value in zip(fields, values):
+            if not isinstance(value, str) or not value:
+                raise OpenAIError(f"{field} must be a non-empty string, got {value!r}",
+                                  param=field)
+        return values
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        name, path = await names(request, "lora_name", "lora_path")
+        await asyncio.to_thread(_add_lora, serving, engine, name, path)
+        return Response(f"Success: LoRA adapter '{name}' added successfully.",
+                        media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        (name,) = await names(request, "lora_name")
+        if serving.lora_modules.pop(name, None) is None:
+            raise OpenAIError(f"The lora adapter '{name}' cannot be found.",
+                              HTTPStatus.NOT_FOUND, "lora_name")
+        engine.engine.unload_lora(name)     # freed once no request in flight uses it
+        return Response(f"Success: LoRA adapter '{name}' removed successfully.",
+                        media_type="text/plain")
 
 
 class GracefulServer(uvicorn.Server):

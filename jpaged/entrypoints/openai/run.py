@@ -35,6 +35,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the name(s) clients give as `model` (default: the MODEL argument)")
     parser.add_argument("--dtype", default="auto")
     add_quantization_arguments(parser)
+    add_lora_arguments(parser)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int, default=None)
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -103,6 +104,42 @@ def _speculative_config(text: str) -> dict:
     return config
 
 
+def add_lora_arguments(parser: argparse.ArgumentParser) -> None:
+    """vLLM's LoRA flags (jpaged/engine/lora.py)."""
+    parser.add_argument("--enable-lora", action="store_true",
+                        help="serve LoRA adapters; a request names one by its `model` field")
+    parser.add_argument("--lora-modules", nargs="+", type=_lora_module, default=None,
+                        metavar="NAME=PATH", help="PEFT adapters to serve, read at start-up")
+    parser.add_argument("--max-loras", type=int, default=1,
+                        help="adapters in device slots at once (a batch mixes them)")
+    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--max-cpu-loras", type=int, default=None,
+                        help="adapters kept in host memory (default: --max-loras)")
+    parser.add_argument("--allow-runtime-lora-updating", action="store_true",
+                        help="POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's "
+                             "VLLM_ALLOW_RUNTIME_LORA_UPDATING)")
+
+
+def _lora_module(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _lora_engine_args(args: argparse.Namespace) -> dict:
+    modules = dict(args.lora_modules or [])
+    if len(modules) != len(args.lora_modules or []):
+        raise SystemExit("--lora-modules: each NAME may appear once")
+    args.lora_modules = modules
+    if not args.enable_lora:
+        if modules or args.allow_runtime_lora_updating:
+            raise SystemExit("--lora-modules and --allow-runtime-lora-updating need --enable-lora")
+        return {}
+    return dict(enable_lora=True, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+                max_cpu_loras=args.max_cpu_loras)
+
+
 def run_server(args: argparse.Namespace) -> int:
     from jpaged.entrypoints.async_engine import AsyncEngine
     from jpaged.entrypoints.llm import LLM
@@ -123,7 +160,7 @@ def run_server(args: argparse.Namespace) -> int:
               speculative_config=args.speculative_config,
               # a bucket first met while serving runs in a compiled stand-in and compiles in the
               # background (the engine turns this off when several processes must run one program)
-              compile_in_background=True)
+              compile_in_background=True, **_lora_engine_args(args))
     engine = llm.llm_engine
     if args.warmup != "none":         # the same steps on every process (deterministic plan)
         engine.warm_up(engine.runner.buckets.warmup_plan(args.warmup))
@@ -143,6 +180,8 @@ def run_server(args: argparse.Namespace) -> int:
 
     app = build_app(async_engine, names, api_key=args.api_key,
                        max_body_bytes=args.max_body_bytes, metrics=metrics, lifespan=lifespan,
+                       lora_modules=args.lora_modules,
+                       allow_runtime_lora_updating=args.allow_runtime_lora_updating,
                        enable_ui=not args.disable_ui,
                        trust_request_chat_template=args.trust_request_chat_template)
     import uvicorn

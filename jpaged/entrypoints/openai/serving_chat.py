@@ -64,7 +64,8 @@ class OpenAIServingChat(OpenAIServingCompletion):
                                          param))
         parts = self.split_samples(params)
         request_id = random_id("chatcmpl")
-        added = self.add_requests(request_id, [(prompt, part) for _, part in parts])
+        added = self.add_requests(request_id, [(prompt, part) for _, part in parts],
+                                  self.lora_request(request.model))
         outputs = merge_async_iterators(*(self.engine.outputs(rid, stream)
                                           for rid, stream in added))
         # vLLM's: the answer's role is the assistant's, or without a generation prompt the last

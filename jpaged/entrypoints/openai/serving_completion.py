@@ -58,7 +58,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 parts.append(_Part(i, first, prompt))
                 engine_requests.append((prompt, part_params))
         base_id = random_id("cmpl")
-        added = self.add_requests(base_id, engine_requests)
+        added = self.add_requests(base_id, engine_requests, self.lora_request(request.model))
         iterators = [self.engine.outputs(request_id, stream) for request_id, stream in added]
         state = _Choices(self, request, prompts, parts, base_id, echo_only)
         if request.stream:
@@ -114,16 +114,16 @@ class OpenAIServingCompletion(OpenAIServing):
             raise engine_error(exc) from exc
         return {"text": [prompt + t for t in texts]}
 
-    def add_requests(self, base_id: str, prompts_and_params) -> list:
+    def add_requests(self, base_id: str, prompts_and_params, lora_request=None) -> list:
         """[(request_id, stream)]: every engine request of one client request, admitted as one, or
-        none (AsyncEngine.add_requests)."""
-        requests = [(f"{base_id}-{i}", prompt, params)
+        none (AsyncEngine.add_requests); all with `lora_request`'s adapter, if one."""
+        requests = [(f"{base_id}-{i}", prompt, params, lora_request)
                     for i, (prompt, params) in enumerate(prompts_and_params)]
         try:
             streams = self.engine.add_requests(requests)
         except BaseException as exc:
             raise as_openai_error(exc, "prompt") from exc
-        return [(request_id, stream) for (request_id, _, _), stream in zip(requests, streams)]
+        return [(request_id, stream) for (request_id, *_), stream in zip(requests, streams)]
 
     @staticmethod
     def _refuse_unsupported(request: CompletionRequest) -> None:

@@ -23,6 +23,7 @@ from jpaged.entrypoints.async_engine import (AsyncEngine, EngineDeadError, Queue
                                              ShuttingDownError)
 from jpaged.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 from jpaged.outputs import Logprob
+from jpaged.lora import LoRARequest
 from jpaged.sampling_params import RequestOutputKind, SamplingParams
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
@@ -112,15 +113,23 @@ class OpenAIServing:
         longest = max(map(len, self.tokenizer.get_vocab()), default=1) if self.tokenizer else 1
         self.max_prompt_chars = self.max_model_len * max(longest, 1)
         self._token_texts: dict[int, str] = {}
+        # LoRA adapters a request's `model` may name (--lora-modules, /v1/load_lora_adapter)
+        self.lora_modules: dict[str, LoRARequest] = {}
 
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.served_model_names:
+        if model is not None and model not in self.served_model_names and \
+                model not in self.lora_modules:
             raise OpenAIError(f"The model `{model}` does not exist. This server serves "
-                              f"{self.served_model_names}.", HTTPStatus.NOT_FOUND, "model")
+                              f"{self.served_model_names + list(self.lora_modules)}.",
+                              HTTPStatus.NOT_FOUND, "model")
+
+    def lora_request(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names (None: the base model)."""
+        return self.lora_modules.get(model) if model is not None else None
 
     async def encode(self, texts: list[str], *, add_special_tokens: bool = True,
                      param: str = "prompt") -> list[list[int]]:
