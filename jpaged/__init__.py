@@ -13,6 +13,7 @@ _PUBLIC = {
     "SamplingParams": "jpaged.sampling_params",
     "BeamSearchParams": "jpaged.sampling_params",
     "RequestOutputKind": "jpaged.sampling_params",
+    "StructuredOutputsParams": "jpaged.sampling_params",
     "LoRARequest": "jpaged.lora",
     "BeamSearchOutput": "jpaged.outputs",
     "BeamSearchSequence": "jpaged.outputs",

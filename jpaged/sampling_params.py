@@ -48,7 +48,59 @@ _TYPES = {
     "include_stop_str_in_output": (lambda x: isinstance(x, bool), "a bool"),
     "skip_special_tokens": (lambda x: isinstance(x, bool), "a bool"),
     "output_kind": (lambda x: isinstance(x, RequestOutputKind), "a RequestOutputKind"),
+    "structured_outputs": (lambda x: x is None or isinstance(x, StructuredOutputsParams),
+                           "a StructuredOutputsParams or None"),
 }
+
+
+@dataclasses.dataclass
+class StructuredOutputsParams:
+    """vLLM's (>= 0.12) constraint on what a request may generate: exactly one of `json` (a JSON
+    schema, dict or string), `regex`, `choice` (a list of strings), `grammar` (Lark/EBNF, or
+    llama.cpp's GBNF), `json_object=True` (any JSON object) or `structural_tag` (a JSON string).
+    Compiled by the grammar engine (jpaged/core/structured.py) when the request is added; one it
+    cannot compile is a ValueError naming the field and the reason."""
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    disable_fallback: bool = False              # accepted: llguidance is the only engine
+    disable_any_whitespace: bool = False        # JSON: no whitespace between tokens
+    disable_additional_properties: bool = False  # JSON: additionalProperties false by default
+    whitespace_pattern: str | None = None       # JSON: the whitespace allowed between tokens
+
+    KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+    def __post_init__(self):
+        given = [k for k in self.KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(f"StructuredOutputsParams: set exactly one of {list(self.KINDS)}, "
+                             f"got {given or 'none'}")
+        checks = {
+            "json": isinstance(self.json, (str, dict)),
+            "regex": isinstance(self.regex, str) and self.regex != "",
+            "choice": isinstance(self.choice, (list, tuple)) and len(self.choice) > 0
+                      and all(isinstance(c, str) and c for c in self.choice),
+            "grammar": isinstance(self.grammar, str) and self.grammar.strip() != "",
+            "json_object": self.json_object is True,
+            "structural_tag": isinstance(self.structural_tag, str),
+        }
+        kind = given[0]
+        if not checks[kind]:
+            expected = {"json": "a JSON schema (dict or string)", "regex": "a non-empty string",
+                        "choice": "a non-empty list of non-empty strings",
+                        "grammar": "a non-empty grammar string", "json_object": "True",
+                        "structural_tag": "a JSON string"}[kind]
+            raise ValueError(f"StructuredOutputsParams: {kind} must be {expected}, got "
+                             f"{getattr(self, kind)!r}")
+        if self.choice is not None:
+            self.choice = list(self.choice)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in self.KINDS if getattr(self, k) not in (None, False))
 
 
 @dataclasses.dataclass
@@ -75,6 +127,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # vLLM's name: constrain the output to a JSON schema, regex, choice or grammar
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self):
         self._check_types()

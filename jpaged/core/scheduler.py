@@ -390,6 +390,8 @@ class Scheduler:
             if seq.params.logprobs is not None:
                 _record_logprobs(seq, token, result, row, j)
             finish = self._token_stop(seq, token)
+            if seq.grammar is not None and finish is None:
+                finish = _grammar_stop(seq, token, self.eos_token_ids)
             if finish is not None:
                 self.finish_sequence(seq, *finish)
                 break
@@ -441,6 +443,23 @@ class Scheduler:
             del self.requests[request.request_id]
 
 
+def _grammar_stop(seq: Sequence, token: int, eos_token_ids: tuple[int, ...]
+                  ) -> tuple[str, None] | None:
+    """Advance a structured sequence's matcher by `token`: once its grammar is complete (only
+    EOS could follow) the sequence stops with "stop" right after this token, without spending a
+    step on the EOS (the token's text is kept: `grammar.completed_by_text`)."""
+    grammar = seq.grammar
+    if not grammar.accept(token):
+        logger.warning("sequence %d of request %r: token %d does not fit its %s grammar (%s); "
+                       "stopping it", seq.seq_id, seq.request_id, token, grammar.kind,
+                       grammar.error)
+        return ("stop", None)
+    if not grammar.is_stopped:
+        return None
+    grammar.completed_by_text = token not in eos_token_ids
+    return ("stop", None)
+
+
 def _record_prompt_logprobs(seq: Sequence, row: ScheduledSeq, data: PromptLogprobs) -> None:
     """vLLM's prompt_logprobs: None for the first prompt token, then for prompt position p the
     log-prob of its token given the ones before (new token j predicts position start + j + 1).
@@ -487,5 +506,5 @@ class _Step:
         self.out.scheduled.append(ScheduledSeq(
             seq.seq_id, seq.request_id, seq.num_computed_tokens, n + num_spec, seq.token_ids,
             seq.num_prompt_tokens, tuple(seq.block_table), seq.params, seq.seed,
-            num_spec_tokens=num_spec, spec_token_ids=spec_ids))
+            grammar=seq.grammar, num_spec_tokens=num_spec, spec_token_ids=spec_ids))
         self.budget -= n + num_spec

@@ -48,6 +48,9 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.prompt_logprobs: list[dict | None] = []   # with params.prompt_logprobs (vLLM's)
         self.lora_name = lora_name              # the LoRA adapter it runs with (None: the base)
+        # with params.structured_outputs: its GrammarMatcher (core/structured.py), advanced by
+        # each output token; it depends on the tokens only, so preemption leaves it as it is
+        self.grammar = None
 
     @property
     def num_tokens(self) -> int:

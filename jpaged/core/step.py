@@ -36,6 +36,8 @@ class ScheduledSeq:
     block_table: tuple[int, ...]  # page ids covering every token computed so far and now
     params: SamplingParams
     seed: int                    # per-sequence sampling seed
+    # its GrammarMatcher when it has structured outputs (the runner reads its next-token bitmask)
+    grammar: object | None = dataclasses.field(default=None, kw_only=True)
     # speculative decoding: the last num_spec_tokens of the num_new_tokens are proposals that
     # follow the sequence's last token (spec_token_ids; empty until a draft model fills them)
     num_spec_tokens: int = 0

@@ -28,6 +28,7 @@ from jpaged.core.request import Request
 from jpaged.core.scheduler import PREEMPTION_MODES, Scheduler
 from jpaged.core.speculative import SpeculativeConfig
 from jpaged.core.stats import Stats
+from jpaged.core.structured import GrammarCompiler
 from jpaged.distributed import CallLog, exit_on_peer_failure
 from jpaged.engine.attention import ProbeShape, select_attention
 from jpaged.engine.buckets import BucketPolicy, WarmupStep
@@ -190,6 +191,7 @@ class LLMEngine:
                 compile_in_background=config.compile_in_background and jax.process_count() == 1,
                 drafter=self._layer_skip_drafter(spec, run_config, fns))
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured = GrammarCompiler(self.tokenizer, mc.vocab_size, eos_token_ids)
         self.input_processor = InputProcessor(
             self.tokenizer, self.output_processor.tokenizer_lock, vocab_size=mc.vocab_size,
             max_model_len=self.max_model_len, max_num_seqs=config.max_num_seqs)
@@ -224,6 +226,8 @@ class LLMEngine:
             return self.add_beam_request(request_id, prompt, params, lora_request)
         params = self.input_processor.sampling_params(params)
         text, token_ids = self.input_processor.prompt(prompt)
+        if params.structured_outputs is not None:     # ValueError naming the field
+            self.structured.compile(params.structured_outputs)
         if params.seed is None:                # resolved here, so every process samples alike
             params = dataclasses.replace(params, seed=int(self._rng.integers(2**32)))
         self._accept(AddRequest(request_id, {"prompt": text, "prompt_token_ids": token_ids},
@@ -482,7 +486,11 @@ class LLMEngine:
             return Request.beam_search(call.request_id, ids, search, self._beam_sampling(search),
                                        lora)
         max_tokens = min(params.max_tokens or self.max_model_len, self.max_model_len - len(ids))
-        return Request.sampling(call.request_id, ids, params, params.seed, max_tokens, lora)
+        request = Request.sampling(call.request_id, ids, params, params.seed, max_tokens, lora)
+        if params.structured_outputs is not None:     # one matcher per sample
+            for seq in request.seqs:
+                seq.grammar = self.structured.matcher(params.structured_outputs)
+        return request
 
     def _beam_search(self, params: BeamSearchParams, num_prompt_tokens: int) -> BeamSearch:
         return BeamSearch(params.beam_width,

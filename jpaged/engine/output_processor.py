@@ -110,7 +110,7 @@ class OutputProcessor:
         if detok is None:
             return
         for j, token in enumerate(new_tokens):
-            if j == len(new_tokens) - 1 and seq.finish_reason == "stop":   # stopped by a token
+            if j == len(new_tokens) - 1 and _stopped_by_token(seq):
                 if p.include_stop_str_in_output:
                     detok.add(token)
                 return
@@ -178,8 +178,7 @@ class OutputProcessor:
                 detok.flush()
             return detok.text
         ids = seq.output_token_ids
-        stopped_by_token = seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str)
-        if stopped_by_token and not p.include_stop_str_in_output:
+        if _stopped_by_token(seq) and not p.include_stop_str_in_output:
             ids = ids[:-1]
         return self.decode(ids, p.skip_special_tokens)
 
@@ -198,3 +197,10 @@ class OutputProcessor:
             return None
         with self.tokenizer_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def _stopped_by_token(seq: Sequence) -> bool:
+    """Finished by a stop token (EOS or a stop id: its text is left out), not by a stop string
+    nor by a structured output's grammar completing on a text token (core/structured.py)."""
+    return seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str) and not (
+        seq.grammar is not None and seq.grammar.completed_by_text)

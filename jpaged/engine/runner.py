@@ -32,17 +32,21 @@ from jpaged.engine.speculative import LayerSkipDrafter, Verifier
 from jpaged.engine.step_inputs import StepInputs, build_step_inputs
 from jpaged.models import CausalLM, KVCache, arrange_layers
 from jpaged.models.weights import is_per_layer, stacked_shapes
-from jpaged.sampling_params import SamplingParams
+from jpaged.sampling_params import SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger("jpaged")
 # The sampler variants warm_up compiles for every batch bucket: greedy and random, each with and
-# without min_tokens' EOS ban (the fake rows have 1 output token), and top-p (what OpenAI clients
-# send most).
+# without min_tokens' EOS ban (the fake rows have 1 output token), top-p (what OpenAI clients
+# send most), and greedy and random with a structured-outputs bitmask (all ones here: the
+# variant's shapes are the same whatever the grammar), so constraints that come and go never
+# compile.
 _WARMUP_SAMPLERS = (SamplingParams(temperature=0.0, max_tokens=1),
                     SamplingParams(temperature=0.0, max_tokens=2, min_tokens=2),
                     SamplingParams(temperature=1.0, max_tokens=1),
                     SamplingParams(temperature=1.0, max_tokens=2, min_tokens=2),
-                    SamplingParams(temperature=1.0, top_p=0.9, max_tokens=1))
+                    SamplingParams(temperature=1.0, top_p=0.9, max_tokens=1),
+                    *(SamplingParams(temperature=t, max_tokens=1, structured_outputs=
+                                     StructuredOutputsParams(json_object=True)) for t in (0.0, 1.0)))
 
 
 def step(model: CausalLM, params, kv_cache: KVCache, batch: StepInputs, lora=None):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jpaged.core.step import ScheduledSeq
+from jpaged.core.structured import bitmask_width, fill_bitmasks
 from jpaged.sampling_params import MAX_LOGPROBS
 
 _NEG_INF = -jnp.inf
@@ -34,6 +35,9 @@ class SamplingTensors:
     token_ids: jax.Array     # [B, M] int32 prompt + output ids, padded with V ([B, 0] without penalties)
     prompt_lens: jax.Array   # [B] int32: token_ids[b, :prompt_lens[b]] is the prompt
     banned: jax.Array        # [B, V] bool: EOS / stop ids under min_tokens ([B, 0] when none)
+    # [B, ceil(V/32)] int32: bit t % 32 of word t // 32 allows token t (structured outputs; all
+    # ones for free rows; [B, 0] when no row is constrained, None outside the engine)
+    bitmask: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
@@ -49,6 +53,7 @@ class SamplerFlags:
     use_penalties: bool
     use_bans: bool           # some row is under min_tokens with ids to ban
     logprobs: bool           # any sequence asked for logprobs: return them (top MAX_LOGPROBS too)
+    use_bitmask: bool = False  # some row has structured outputs: apply the token bitmask
 
 
 def build_sampling_tensors(rows: list[ScheduledSeq], num_rows: int, vocab_size: int,
@@ -65,7 +70,8 @@ def build_sampling_tensors(rows: list[ScheduledSeq], num_rows: int, vocab_size: 
                          use_filters=any(p.uses_filters for p in params),
                          use_penalties=any(p.uses_penalties for p in params),
                          use_bans=any(banned),
-                         logprobs=any(p.logprobs is not None for p in params))
+                         logprobs=any(p.logprobs is not None for p in params),
+                         use_bitmask=any(p.structured_outputs is not None for p in params))
 
     def column(values, dtype, fill):
         out = np.full(num_rows, fill, dtype)
@@ -78,6 +84,12 @@ def build_sampling_tensors(rows: list[ScheduledSeq], num_rows: int, vocab_size: 
         if flags.use_penalties and r.params.uses_penalties:
             token_ids[i, :len(r.token_ids)] = r.token_ids
         mask[i, [t for t in banned[i] if t < vocab_size]] = True
+    # NOTE: the runner calls this after dispatching the step, so the grammar masks are computed
+    # on the host while the device runs the model.
+    bitmask = np.full((num_rows, bitmask_width(vocab_size) if flags.use_bitmask else 0), -1,
+                      np.int32)
+    fill_bitmasks([(r.grammar, i) for i, r in enumerate(rows) if r.grammar is not None
+                   and r.samples], bitmask)
     tensors = SamplingTensors(
         temperature=column([0.0 if p.greedy else p.temperature for p in params], np.float32, 0.0),
         top_k=column([p.top_k for p in params], np.int32, 0),
@@ -91,6 +103,7 @@ def build_sampling_tensors(rows: list[ScheduledSeq], num_rows: int, vocab_size: 
         token_ids=token_ids,
         prompt_lens=column([r.num_prompt_tokens for r in rows], np.int32, 0),
         banned=mask,
+        bitmask=bitmask,
     )
     return tensors, flags
 
@@ -112,6 +125,8 @@ def sample(logits, t: SamplingTensors, *, flags: SamplerFlags):
     inverted in two levels (chunk sums, then one chunk).
     """
     raw = logits
+    if flags.use_bitmask:
+        logits = _apply_bitmask(logits, t.bitmask)
     if flags.use_penalties:
         logits = _apply_penalties(logits, t)
     if flags.use_bans:
@@ -135,6 +150,15 @@ def sample(logits, t: SamplingTensors, *, flags: SamplerFlags):
     token_logprobs = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top_lp, top_ids = jax.lax.top_k(logprobs, MAX_LOGPROBS)
     return tokens, token_logprobs, top_ids.astype(jnp.int32), top_lp
+
+
+def _apply_bitmask(logits, bitmask):
+    """-inf for every token whose bit is 0 in bitmask [B, ceil(V/32)] int32 (structured
+    outputs); unpacked with shifts, one elementwise pass over [B, V]."""
+    num_rows, vocab = logits.shape
+    bits = (bitmask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1            # [B, W, 32]
+    allowed = bits.reshape(num_rows, -1)[:, :vocab] != 0
+    return jnp.where(allowed, logits, _NEG_INF)
 
 
 def _argmax(x):
