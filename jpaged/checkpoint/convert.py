@@ -1,6 +1,7 @@
 """Convert an HF model directory or a .gguf file into a jpaged checkpoint on disk.
 
     jpaged convert SRC OUT [--dtype bfloat16|float16|float32] [--quantization int8|w8a8|int4|fp8|gguf]
+    (a GPTQ / AWQ / compressed-tensors HF checkpoint keeps its quantized layers as stored)
     python -m converters.hf_to_jpaged SRC OUT [--dtype ...]     (the same, from a checkout)
 
 OUT gets `params/` (an Orbax checkpoint of the CausalLM params pytree), `jpaged_config.json`, the
@@ -27,10 +28,12 @@ def convert(src: str | Path, out: str | Path, dtype: str | None = None, progress
     """Convert SRC (an HF directory or a .gguf file) into the jpaged checkpoint directory OUT;
     with `quantization` (checkpoint/quantized.py) the matmul weights are stored quantized, in one
     params.safetensors file instead of Orbax's params/."""
-    from jpaged.checkpoint.loader import check_quantization
+    from jpaged.checkpoint.loader import check_quantization, stored_quantization
     source = open_source(src)
     config = source.config
     check_quantization(quantization, Path(src))
+    if source.kind == "hf":           # GPTQ / AWQ / compressed-tensors: kept as stored
+        quantization = stored_quantization(source, quantization)
     dtype = resolve_dtype(dtype or source.default_dtype)
     out = Path(out)
     for existing in ("params", PARAMS_FILE):

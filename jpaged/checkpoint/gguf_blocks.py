@@ -39,6 +39,7 @@ class HostQuantized:
     mins: np.ndarray | None
     bits: int
     group_size: int
+    activation_bits: int = 16     # 8: W8A8 (compressed-tensors checkpoints)
 
     def map_rows(self, fn) -> "HostQuantized":
         """Apply a transform of the output rows (e.g. llama.cpp's q/k row permutation, or a
@@ -149,7 +150,7 @@ def harmonize(parts: list[HostQuantized]) -> list[HostQuantized]:
         scales = np.repeat(p.scales, repeat, axis=-1)
         mins = np.repeat(p.mins, repeat, axis=-1) if p.mins is not None else \
             (np.zeros_like(scales) if affine else None)
-        out.append(HostQuantized(values, scales, mins, bits, group))
+        out.append(HostQuantized(values, scales, mins, bits, group, p.activation_bits))
     return out
 
 

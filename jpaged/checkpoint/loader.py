@@ -20,6 +20,7 @@ import jax
 
 from jpaged.checkpoint.params import (PARAMS_FILE, build_params, load_params_file, param_shapes,
                                       params_file_dtype, params_file_quantization, resolve_dtype)
+from jpaged.checkpoint.prequantized import METHODS as PREQUANTIZED_METHODS
 from jpaged.checkpoint.quantized import QUANTIZATIONS
 from jpaged.checkpoint.sources import GGUFSource, HFSource, load_tokenizer, read_json
 from jpaged.config import ModelConfig
@@ -61,8 +62,9 @@ def load_checkpoint(path: str | Path, dtype: str | None = None, progress: bool =
     if path.is_dir() and (path / JPAGED_CONFIG).is_file():
         return quantized_checkpoint(_load_jpaged(path, dtype, mesh), quantization, group_size)
     if path.is_dir() and (path / "config.json").is_file():
-        return _placed(_load_converted(HFSource(path), dtype, progress, quantization, group_size),
-                       mesh)
+        source = HFSource(path)
+        return _placed(_load_converted(source, dtype, progress,
+                                       stored_quantization(source, quantization), group_size), mesh)
     if path.is_file() and path.suffix == ".gguf":
         return _placed(_load_gguf(path, dtype, progress, quantization, group_size), mesh)
     raise FileNotFoundError(
@@ -76,6 +78,25 @@ def check_quantization(quantization: str | None, path: Path | None = None) -> No
     if quantization == "gguf" and path is not None and path.suffix != ".gguf":
         raise ValueError(f"quantization='gguf' keeps a .gguf file's tensors as stored, but {path} "
                          f"is not a .gguf file; use 'int8', 'w8a8', 'int4' or 'fp8'")
+
+
+def stored_quantization(source: HFSource, quantization: str | None) -> str | None:
+    """A GPTQ / AWQ / compressed-tensors checkpoint loads as stored (vLLM reads the method from
+    config.json too); asking it for another quantization is an error naming both."""
+    stored = source.prequantized.method if source.prequantized else None
+    if stored is None:
+        if quantization in PREQUANTIZED_METHODS:
+            raise ValueError(f"quantization={quantization!r} reads a pre-quantized checkpoint, but "
+                             f"{source.path}/config.json has no quantization_config; use 'int8', "
+                             f"'w8a8', 'int4' or 'fp8' to quantize its float weights")
+        return quantization
+    if quantization not in (None, stored):
+        raise ValueError(f"{source.path} stores {stored}-quantized weights "
+                         f"(config.json quantization_config); load it with quantization=None "
+                         f"(or {stored!r}) instead of {quantization!r}")
+    logger.info("%s: %s-quantized weights (%d-bit, group %s), served as stored", source.path.name,
+                stored, source.prequantized.bits, source.prequantized.group_size)
+    return stored
 
 
 def _load_converted(source: HFSource | GGUFSource, dtype, progress: bool,

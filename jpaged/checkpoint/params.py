@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jpaged.checkpoint.quantized import matmul_key, quantize_leaf, stored_leaf
+from jpaged.checkpoint.quantized import STORED, matmul_key, quantize_leaf, stored_leaf
 from jpaged.checkpoint.sources import GGUFSource, HFSource
 from jpaged.checkpoint.weight_map import (HF_IGNORED_SUFFIXES, Rule, expected_shape, hf_rules,
                                    layer_names, leaf_entries, shape_dims, table_pattern)
@@ -88,7 +88,7 @@ def build_params(source: HFSource | GGUFSource, config: ModelConfig, dtype: str,
                 raise ValueError(f"jpaged param {dst} has no rule in "
                                  f"jpaged.checkpoint.weight_map.HF_TO_JPAGED")
             quantized = matmul_key(dst) is not None and quantization is not None
-            if quantized and quantization == "gguf":
+            if quantized and quantization in STORED:
                 stored = stored_leaf(source, dst, rules[dst], shape.shape, config.num_layers, dims)
                 if stored is not None:
                     params[dst] = stored
@@ -102,7 +102,7 @@ def build_params(source: HFSource | GGUFSource, config: ModelConfig, dtype: str,
                     leaf[index][rule.index(dims)] = value          # leaf[index]: a view
                     bar.update()
             params[dst] = quantize_leaf(dst, leaf, quantization, group_size) \
-                if quantized and quantization != "gguf" else jnp.asarray(leaf)
+                if quantized and quantization not in STORED else jnp.asarray(leaf)
             del leaf
     return unflatten(params)
 

@@ -5,7 +5,9 @@
                                                   float copy of at most one leaf exists at a time;
   quantization="gguf"                             a GGUF's block-quantized tensors become
                                                   QuantizedWeights as stored (gguf_blocks.py): no
-                                                  float copy at all.
+                                                  float copy at all;
+  quantization="gptq" | "awq" | "compressed-tensors"   an HF checkpoint's pre-quantized layers,
+                                                  likewise (prequantized.py).
 Which leaves are matmul weights, and their input axes: jpaged/models/weights.py (INPUT_AXIS).
 """
 
@@ -14,12 +16,13 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged.checkpoint.gguf_blocks import SUPPORTED as GGUF_BLOCK_TYPES
 from jpaged.checkpoint.gguf_blocks import HostQuantized, harmonize
+from jpaged.checkpoint.prequantized import METHODS as PREQUANTIZED_METHODS
 from jpaged.checkpoint.weight_map import FUSED_PARTS, layer_names
 from jpaged_kernels.quantization import KINDS, QuantizedWeight, quantize
 
-QUANTIZATIONS = (*KINDS, "gguf")
+STORED = ("gguf", *PREQUANTIZED_METHODS)     # read as the checkpoint stores them
+QUANTIZATIONS = (*KINDS, *STORED)
 
 
 def matmul_key(dst: str) -> tuple[str, ...] | None:
@@ -45,11 +48,12 @@ def quantize_leaf(dst: str, leaf: np.ndarray, kind: str, group_size: int | None)
 
 def stored_leaf(source, dst: str, rules, float_shape: tuple[int, ...], num_layers: int,
                 dims: dict[str, int]) -> QuantizedWeight | None:
-    """The leaf at `dst` from the GGUF blocks of its parts, or None if any part is stored as
-    floats (the caller then builds it as a float leaf)."""
+    """The leaf at `dst` from the stored blocks of its parts (a GGUF's, a GPTQ/AWQ/compressed-
+    tensors checkpoint's), or None if any part is stored as floats (the caller then builds it
+    as a float leaf)."""
     names = [(rule, layer_names(hf, num_layers)) for hf, rule in rules]
     if not hasattr(source, "read_quantized") or not all(
-            source.tensor_type(n) in GGUF_BLOCK_TYPES for _, ns in names for n in ns):
+            source.stores_quantized(n) for _, ns in names for n in ns):
         return None
     stacked = dst.startswith("layers/")
     per_layer = float_shape[1:] if stacked else float_shape
@@ -67,7 +71,7 @@ def stored_leaf(source, dst: str, rules, float_shape: tuple[int, ...], num_layer
     first = layers[0]
     return QuantizedWeight(jnp.asarray(fields["values"]), jnp.asarray(_compact(fields["scales"])),
                            None if fields["mins"] is None else jnp.asarray(_compact(fields["mins"])),
-                           first.bits, first.group_size)
+                           first.bits, first.group_size, first.activation_bits)
 
 
 def _fuse(parts: list, out_dims: tuple[int, ...], dims: dict[str, int]) -> HostQuantized:
@@ -93,7 +97,7 @@ def _fuse(parts: list, out_dims: tuple[int, ...], dims: dict[str, int]) -> HostQ
             target[...] = getattr(q, field).reshape(target.shape)
         fields[field] = out
     return HostQuantized(fields["values"], fields["scales"], fields["mins"], first.bits,
-                         first.group_size)
+                         first.group_size, first.activation_bits)
 
 
 def _compact(x: np.ndarray) -> np.ndarray:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from jpaged.checkpoint.gguf_blocks import SUPPORTED as GGUF_BLOCK_TYPES
+from jpaged.checkpoint.prequantized import PrequantizedFormat
 from jpaged.checkpoint.gguf_blocks import HostQuantized
 from jpaged.checkpoint.gguf_blocks import decode as decode_blocks
 from jpaged.checkpoint.weight_map import (GGUF_ARCHITECTURES, GGUF_MIXTRAL, GGUF_TO_HF,
@@ -75,6 +76,12 @@ class HFSource:
         self._safe_open = safe_open
         self._files = {}    # (file, framework) -> open safetensors handle
         self._where = {name: file for file in self._weight_files() for name in self._open(file).keys()}
+        # a GPTQ / AWQ / compressed-tensors checkpoint: its layers under their float names
+        self.prequantized = PrequantizedFormat.from_hf_config(self.hf_config)
+        self._layers, hidden = self.prequantized.logical_names(list(self._where)) \
+            if self.prequantized else ({}, set())
+        self._names = [n for n in self._where if n not in hidden and n not in self._layers] + \
+            sorted(self._layers)
 
     def _weight_files(self) -> list[Path]:
         index = read_json(self.path / "model.safetensors.index.json")
@@ -106,15 +113,33 @@ class HFSource:
         return dtype if dtype in SUPPORTED_DTYPES else "float32"
 
     def tensor_names(self) -> list[str]:
-        return list(self._where)
+        return list(self._names)
 
     def source_name(self, name: str) -> str:
         return name
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._layers:
+            return self.prequantized.shape(self._read_stored, self._layers[name])
         return tuple(self._open(self._where[name]).get_slice(name).get_shape())
 
     def read(self, name: str) -> np.ndarray:
+        """A float tensor; a pre-quantized layer dequantized (float32, [out, in])."""
+        if name in self._layers:
+            return self.prequantized.dequantized(self._read_stored, self._layers[name])
+        return self._read_stored(name)
+
+    def stores_quantized(self, name: str) -> bool:
+        return name in self._layers and \
+            self.prequantized.in_groups(self._read_stored, self._layers[name])
+
+    def read_quantized(self, name: str) -> HostQuantized | None:
+        """A pre-quantized layer as stored (prequantized.py), [out, in]; None for floats."""
+        if name not in self._layers:
+            return None
+        return self.prequantized.read(self._read_stored, self._layers[name])
+
+    def _read_stored(self, name: str) -> np.ndarray:
         file = self._where[name]
         if self._open(file).get_slice(name).get_dtype() == "BF16":
             # NumPy has no bfloat16 of its own; the flax framework returns one (ml_dtypes) that does.
@@ -325,6 +350,9 @@ class GGUFSource:
         out_rows = self._hf_shape(tensor)[0]
         quantized = decode_blocks(tensor.tensor_type.name, np.asarray(tensor.data), out_rows)
         return quantized.map_rows(lambda x: self._fix(gguf_name, x))
+
+    def stores_quantized(self, name: str) -> bool:
+        return self.tensor_type(name) in GGUF_BLOCK_TYPES
 
     def tensor_type(self, name: str) -> str:
         """The stored type ("F32" for the tensors jpaged dequantizes whatever their type:

@@ -74,6 +74,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "\"ngram\", \"num_speculative_tokens\": 3}' or '{\"method\": "
                              "\"layer_skip\", \"num_speculative_tokens\": 3, \"num_layers\": "
                              "20}'")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="vLLM's flag: tool_choice \"auto\" finds tool calls in the answers "
+                             "with --tool-call-parser")
+    parser.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                        help="how tool calls are written in the model's answers (vLLM's names)")
     parser.add_argument("--disable-ui", action="store_true",
                         help="do not serve the chat page at / (the JSON API stays)")
 
@@ -81,9 +86,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def add_quantization_arguments(parser: argparse.ArgumentParser) -> None:
     """vLLM's flags, shared by `jpaged serve` and `jpaged generate`."""
     parser.add_argument("--quantization", "-q", default=None,
-                        choices=["int8", "w8a8", "int4", "fp8", "gguf"],
+                        choices=["int8", "w8a8", "int4", "fp8", "gguf", "gptq", "awq",
+                                 "compressed-tensors"],
                         help="quantize the weights at load (int8/int4/fp8 weight-only, w8a8 int8 "
-                             "weights and activations), or serve a .gguf's blocks as stored (gguf)")
+                             "weights and activations), or serve a .gguf's blocks as stored "
+                             "(gguf); GPTQ/AWQ/compressed-tensors checkpoints load as stored "
+                             "without it")
     parser.add_argument("--kv-cache-dtype", default="auto",
                         choices=["auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"],
                         help="KV page format: the model's dtype (auto), or 8-bit pages with a "
@@ -183,7 +191,9 @@ def run_server(args: argparse.Namespace) -> int:
                        lora_modules=args.lora_modules,
                        allow_runtime_lora_updating=args.allow_runtime_lora_updating,
                        enable_ui=not args.disable_ui,
-                       trust_request_chat_template=args.trust_request_chat_template)
+                       trust_request_chat_template=args.trust_request_chat_template,
+                       enable_auto_tool_choice=args.enable_auto_tool_choice,
+                       tool_call_parser=args.tool_call_parser)
     import uvicorn
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
