@@ -240,12 +240,15 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: st
               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, metrics: ServerMetrics | None = None,
               lifespan=None, enable_ui: bool = True, lora_modules: dict[str, str] | None = None,
               allow_runtime_lora_updating: bool = False,
-              trust_request_chat_template: bool = False) -> "_Guard":
+              trust_request_chat_template: bool = False, enable_auto_tool_choice: bool = False,
+              tool_call_parser: str | None = None) -> "_Guard":
     """The ASGI app to serve: the FastAPI routes (its `.app`) behind the API-key and body-size
     guard; with `enable_ui`, the chat page at `/` (ui.py)."""
     app = FastAPI(title="jpaged", lifespan=lifespan)
     serving = OpenAIServingChat(engine, served_model_names,
-                                trust_request_chat_template=trust_request_chat_template)
+                                trust_request_chat_template=trust_request_chat_template,
+                                enable_auto_tool_choice=enable_auto_tool_choice,
+                                tool_call_parser=tool_call_parser)
     metrics = metrics or ServerMetrics(served_model_names[0])
     app.state.engine, app.state.metrics = engine, metrics
     for name, path in (lora_modules or {}).items():   # read now: a bad adapter stops the start
@@ -323,8 +326,9 @@ def build_app(engine: AsyncEngine, served_model_names: list[str], *, api_key: st
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    public_paths = add_ui_routes(app, capabilities(served_model_names, serving.max_model_len, lora_adapters=list(serving.lora_modules))) \
-        if enable_ui else frozenset()
+    public_paths = add_ui_routes(app, capabilities(
+        served_model_names, serving.max_model_len, lora_adapters=list(serving.lora_modules),
+        structured_outputs=True, tools=enable_auto_tool_choice)) if enable_ui else frozenset()
     return _Guard(app, api_key, max_body_bytes, public_paths)
 
 

@@ -4,7 +4,7 @@ Requests allow unknown fields (vLLM ignores them too). Types are checked by pyda
 is a 400 naming the field and the value; numbers must be finite); ranges are checked by
 `SamplingParams`, whose errors name the field, so the server and the offline API agree, plus
 vLLM's own server-side bounds (serving_engine.py). Fields of vLLM's API that jpaged does not
-implement (`best_of`, `suffix`, `use_beam_search`, structured outputs, ...) are refused with a 400
+implement (`best_of`, `suffix`, `use_beam_search`, ...) are refused with a 400
 when set, rather than silently ignored (serving_engine.UNSUPPORTED_FIELDS).
 """
 
@@ -72,8 +72,8 @@ class StreamOptions(OpenAIBaseModel):
 
 
 class ResponseFormat(OpenAIBaseModel):
-    """OpenAI's `response_format`: only "text" is served until structured outputs land (the
-    other types are refused with a 400 naming them)."""
+    """OpenAI's `response_format` ("json_schema" with its `json_schema` object, vLLM's
+    "structural_tag" with `structures` and `triggers`, as extra fields): tool_calls.py."""
     type: Literal["text", "json_object", "json_schema", "structural_tag"]
 
 
@@ -133,7 +133,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: StrictInt | None = None
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = 0
-    tools: list[ToolParam] | None = None        # rendered by the template; no tool calls parsed
+    tools: list[ToolParam] | None = None        # rendered by the template (tool_calls.py)
     tool_choice: Any = None                     # checked as vLLM does (serving_chat.py)
     add_generation_prompt: StrictBool = True
     continue_final_message: StrictBool = False
@@ -219,9 +219,33 @@ class ChatCompletionLogProbs(OpenAIBaseModel):
     content: list[ChatCompletionLogProbsContent] | None = None
 
 
+class FunctionCall(OpenAIBaseModel):
+    name: str
+    arguments: str                              # JSON text
+
+
+class ToolCall(OpenAIBaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl-tool"))
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class DeltaFunctionCall(OpenAIBaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(OpenAIBaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class ChatResponseMessage(OpenAIBaseModel):
     role: str
     content: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatCompletionResponseChoice(OpenAIBaseModel):
@@ -245,6 +269,7 @@ class ChatCompletionResponse(OpenAIBaseModel):
 class DeltaMessage(OpenAIBaseModel):
     role: str | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatCompletionResponseStreamChoice(OpenAIBaseModel):

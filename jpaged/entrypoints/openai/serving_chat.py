@@ -6,8 +6,9 @@ The template is the tokenizer's; a request's own (`chat_template`, or in `chat_t
 only with `--trust-request-chat-template` (vLLM's flag). `add_generation_prompt`,
 `continue_final_message`, `documents` and `tools` reach the template as in vLLM; when a request
 sets one only inside `chat_template_kwargs`, that value is used. Tools are shown to the model
-with `tool_choice: "none"`; the choices that need a tool-call parser are refused as vLLM refuses
-them without one.
+with `tool_choice: "none"`; a named function and "required" constrain the answer to the tools'
+schemas and "auto" (with `--enable-auto-tool-choice --tool-call-parser NAME`) parses calls out of
+free text; the calls come back as OpenAI `tool_calls`, streamed as deltas (tool_calls.py).
 
 A stream sends, per choice, a first chunk with `{"role": "assistant", "content": ""}`, then each
 step's new text, then the finish reason; with `stream_options.include_usage` a last chunk with no
@@ -29,10 +30,13 @@ from jpaged.entrypoints.openai.protocol import (ChatCompletionLogProb, ChatCompl
                                                 ChatCompletionResponseChoice,
                                                 ChatCompletionResponseStreamChoice,
                                                 ChatCompletionStreamResponse, ChatResponseMessage,
-                                                DeltaMessage, PromptLogprob, UsageInfo, random_id)
+                                                DeltaMessage, PromptLogprob, ToolCall, UsageInfo,
+                                                random_id)
 from jpaged.entrypoints.openai.serving_completion import OpenAIServingCompletion, engine_error
 from jpaged.entrypoints.openai.serving_engine import (SSE_DONE, EventStream, OpenAIError, error_body,
                                                      merge_async_iterators, sse, top_logprobs_of)
+from jpaged.entrypoints.openai.tool_calls import (ToolCallStream, make_parser, parse_required,
+                                                  tool_choice_constraint)
 from jpaged.outputs import CompletionOutput
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -41,9 +45,15 @@ _TOOL_CHOICE_USAGE = 'Correct usage: `{"type": "function", "function": {"name": 
 
 class OpenAIServingChat(OpenAIServingCompletion):
     def __init__(self, engine, served_model_names: list[str], *,
-                 trust_request_chat_template: bool = False):
+                 trust_request_chat_template: bool = False, enable_auto_tool_choice: bool = False,
+                 tool_call_parser: str | None = None):
         super().__init__(engine, served_model_names)
         self.trust_request_chat_template = trust_request_chat_template
+        if enable_auto_tool_choice and tool_call_parser is None:
+            raise ValueError("--enable-auto-tool-choice needs --tool-call-parser NAME (hermes or "
+                             "llama3_json)")
+        self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.tool_parser = make_parser(tool_call_parser) if tool_call_parser else None
         self.templates = None if self.tokenizer is None else \
             ChatTemplateRenderer(self.tokenizer, max_chars=self.max_prompt_chars)
 
@@ -51,7 +61,7 @@ class OpenAIServingChat(OpenAIServingCompletion):
                                      ) -> ChatCompletionResponse | EventStream:
         self.check_request(request)
         self._refuse_unsupported_chat(request)
-        self._check_tools(request)
+        tool_choice = self._check_tools(request)
         prompt, messages, add_generation_prompt = await self.render(request)
         max_tokens, param = (request.max_completion_tokens, "max_completion_tokens") \
             if request.max_completion_tokens is not None else (request.max_tokens, "max_tokens")
@@ -61,7 +71,10 @@ class OpenAIServingChat(OpenAIServingCompletion):
             request, logprobs=request.top_logprobs or 0 if request.logprobs else None,
             prompt_logprobs=request.prompt_logprobs,
             max_tokens=self.check_length(len(prompt["prompt_token_ids"]), max_tokens, "messages",
-                                         param))
+                                         param),
+            tool_constraint=tool_choice_constraint(
+                request.tools, tool_choice,
+                (request.model_extra or {}).get("parallel_tool_calls") is not False))
         parts = self.split_samples(params)
         request_id = random_id("chatcmpl")
         added = self.add_requests(request_id, [(prompt, part) for _, part in parts],
@@ -73,7 +86,7 @@ class OpenAIServingChat(OpenAIServingCompletion):
         role = "assistant" if add_generation_prompt else messages[-1]["role"]
         echo = messages[-1]["content"] if request.echo and messages[-1]["role"] == role else ""
         chat = _ChatChoices(self, request, prompt, request_id, [first for first, _ in parts],
-                            role, echo)
+                            role, echo, self._tool_mode(request, tool_choice))
         if request.stream:
             return EventStream(chat.stream(outputs), [rid for rid, _ in added])
         return await chat.collect(outputs)
@@ -87,11 +100,20 @@ class OpenAIServingChat(OpenAIServingCompletion):
             raise OpenAIError(f"top_logprobs must be between 0 and 20, got "
                               f"{request.top_logprobs}", param="top_logprobs")
 
-    @staticmethod
-    def _check_tools(request: ChatCompletionRequest) -> None:
-        """vLLM's checks of `tools` and `tool_choice`, then vLLM's refusal of the choices that
-        need a tool-call parser (jpaged has none yet): only "none" passes, with or without
-        tools."""
+    def _tool_mode(self, request: ChatCompletionRequest, choice) -> dict | None:
+        """How the answer's tool calls are found (ToolCallStream's arguments), or None."""
+        if isinstance(choice, dict):
+            return {"mode": "named", "name": choice["function"]["name"]}
+        if choice == "required":
+            return {"mode": "required"}
+        if choice == "auto" and request.tools:
+            return {"mode": "auto", "parser": self.tool_parser}
+        return None
+
+    def _check_tools(self, request: ChatCompletionRequest):
+        """vLLM's checks of `tools` and `tool_choice`; returns the effective choice. "auto" needs
+        --enable-auto-tool-choice and a --tool-call-parser (vLLM's refusal otherwise); a named
+        function and "required" are enforced by structured outputs, parser or not."""
         tools = request.tools
         if tools == []:
             raise OpenAIError("`tools` must not be an empty array. Either provide at least one "
@@ -99,7 +121,7 @@ class OpenAIServingChat(OpenAIServingCompletion):
         choice = request.tool_choice if "tool_choice" in request.model_fields_set else \
             ("auto" if tools else "none")
         if choice in ("none", None):
-            return
+            return "none"
         if tools is None:
             raise OpenAIError("When using `tool_choice`, `tools` must be set.",
                               param="tool_choice")
@@ -115,20 +137,15 @@ class OpenAIServingChat(OpenAIServingCompletion):
             if all(tool.function.name != name for tool in tools):
                 raise OpenAIError("The tool specified in `tool_choice` does not match any of the "
                                   "specified `tools`", param="tool_choice")
-            wanted = f'function "{name}"'
-        elif choice in ("auto", "required"):
-            wanted = f'"{choice}"'
-        else:
+            return choice
+        if choice not in ("auto", "required"):
             raise OpenAIError(f'Invalid value for `tool_choice`: {choice}! Only named tools, '
                               f'"none", "auto" or "required" are supported.', param="tool_choice")
-        if choice == "auto":
+        if choice == "auto" and not (self.enable_auto_tool_choice and self.tool_parser):
             raise OpenAIError('"auto" tool choice requires --enable-auto-tool-choice and '
-                              '--tool-call-parser to be set (jpaged has no tool-call parser yet; '
-                              'tool_choice "none" shows the tools to the model)',
-                              param="tool_choice")
-        raise OpenAIError(f"tool_choice={wanted} requires --tool-call-parser to be set (jpaged has "
-                          f"no tool-call parser yet; tool_choice \"none\" shows the tools to the "
-                          f"model)", param="tool_choice")
+                              '--tool-call-parser to be set (or send tool_choice "required", a '
+                              'named function, or "none")', param="tool_choice")
+        return choice
 
     async def render(self, request: ChatCompletionRequest) -> tuple[dict, list[dict], bool]:
         """({"prompt": templated text, "prompt_token_ids": its ids}, the messages as rendered,
@@ -219,8 +236,11 @@ class _ChatChoices:
     request k makes samples firsts[k] ...)."""
 
     def __init__(self, serving: OpenAIServingChat, request: ChatCompletionRequest, prompt: dict,
-                 request_id: str, firsts: list[int], role: str, echo: str):
+                 request_id: str, firsts: list[int], role: str, echo: str,
+                 tools: dict | None = None):
         self.serving, self.request, self.firsts = serving, request, firsts
+        self.tools = tools                # ToolCallStream's arguments when tool calls are parsed
+        self.tool_streams: dict[int, ToolCallStream] = {}
         self.role, self.echo = role, echo
         self.num_prompt_tokens = len(prompt["prompt_token_ids"])
         self.id, self.created = request_id, int(time.time())
@@ -272,14 +292,48 @@ class _ChatChoices:
                         finish[index] = (output.finish_reason, output.stop_reason)
         except (EngineStepError, EngineDeadError) as exc:
             raise engine_error(exc) from exc
-        choices = [ChatCompletionResponseChoice(
-            index=i, message=ChatResponseMessage(role=self.role, content="".join(texts[i])),
-            logprobs=ChatCompletionLogProbs(content=logprobs[i]) if i in logprobs else None,
-            finish_reason=finish.get(i, (None, None))[0], stop_reason=finish.get(i, (None, None))[1])
-            for i in sorted(texts)]
+        choices = []
+        for i in sorted(texts):
+            reason, stop_reason = finish.get(i, (None, None))
+            message, called = self.message("".join(texts[i]))
+            choices.append(ChatCompletionResponseChoice(
+                index=i, message=message,
+                logprobs=ChatCompletionLogProbs(content=logprobs[i]) if i in logprobs else None,
+                finish_reason=self.finish_reason(reason, called), stop_reason=stop_reason))
         return ChatCompletionResponse(id=self.id, created=self.created,
                                       model=self.serving.model_name, choices=choices,
                                       usage=self.usage(), prompt_logprobs=self.prompt_logprobs)
+
+    def message(self, text: str) -> tuple[ChatResponseMessage, bool]:
+        """The answer as a message with its tool calls (tool_calls.py), and whether it has any."""
+        mode = (self.tools or {}).get("mode")
+        if mode is None:
+            return ChatResponseMessage(role=self.role, content=text), False
+        if mode == "named":
+            content, calls = "", [{"name": self.tools["name"], "arguments": text}]
+        elif mode == "required":
+            content, calls = "", parse_required(text)
+        else:
+            content, calls = self.tools["parser"].extract(text)
+        return ChatResponseMessage(role=self.role, content=content,
+                                   tool_calls=[ToolCall(function=c) for c in calls]), bool(calls)
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        """vLLM's: "tool_calls" when "auto" or "required" called tools and the answer ended."""
+        mode = (self.tools or {}).get("mode")
+        return "tool_calls" if reason == "stop" and called and mode in ("auto", "required") \
+            else reason
+
+    def delta(self, index: int, output: CompletionOutput) -> DeltaMessage | None:
+        """This step's delta of choice `index`: its text, or with tool calls what
+        ToolCallStream releases (None: nothing to send yet)."""
+        if self.tools is None:
+            return DeltaMessage(content=output.text)
+        stream = self.tool_streams.setdefault(index, ToolCallStream(**self.tools))
+        fields = stream.feed(output.text, finished=output.finish_reason is not None)
+        if not fields and output.finish_reason is None:
+            return None
+        return DeltaMessage(content=fields.get("content"), tool_calls=fields.get("tool_calls"))
 
     def chunk(self, choice: ChatCompletionResponseStreamChoice) -> str:
         return sse(ChatCompletionStreamResponse(id=self.id, created=self.created,
@@ -295,11 +349,17 @@ class _ChatChoices:
                     self.num_completion_tokens += len(output.token_ids)
                     if not output.text and not output.token_ids and output.finish_reason is None:
                         continue
+                    index = self.firsts[k] + output.index
+                    delta = self.delta(index, output)
+                    if delta is None:
+                        continue
                     step = self.logprobs(output)
+                    called = index in self.tool_streams and self.tool_streams[index].called
                     yield self.chunk(ChatCompletionResponseStreamChoice(
-                        index=self.firsts[k] + output.index, delta=DeltaMessage(content=output.text),
+                        index=index, delta=delta,
                         logprobs=None if step is None else ChatCompletionLogProbs(content=step),
-                        finish_reason=output.finish_reason, stop_reason=output.stop_reason))
+                        finish_reason=self.finish_reason(output.finish_reason, called),
+                        stop_reason=output.stop_reason))
         except (EngineStepError, EngineDeadError) as exc:
             error = engine_error(exc)
             yield sse(error_body(error.message, error.status))

@@ -24,7 +24,7 @@ from jpaged.entrypoints.async_engine import (AsyncEngine, EngineDeadError, Queue
 from jpaged.entrypoints.openai.protocol import ErrorInfo, ErrorResponse
 from jpaged.outputs import Logprob
 from jpaged.lora import LoRARequest
-from jpaged.sampling_params import RequestOutputKind, SamplingParams
+from jpaged.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
                 413: "RequestTooLargeError", 500: "InternalServerError",
@@ -40,11 +40,9 @@ UNSUPPORTED_FIELDS = {
     "allowed_token_ids": (None, "the sampler has no token allow-list yet"),
     "bad_words": ([], "the sampler has no banned words yet"),
     "logit_bias": (None, "the sampler has no logit bias yet"),
-    "structured_outputs": (None, "structured outputs are not implemented yet"),
-    "guided_json": (None, "structured outputs are not implemented yet"),
-    "guided_regex": (None, "structured outputs are not implemented yet"),
-    "guided_choice": (None, "structured outputs are not implemented yet"),
-    "guided_grammar": (None, "structured outputs are not implemented yet"),
+    **{f"guided_{kind}": (None, f"vLLM 0.12 replaced it: send structured_outputs: "
+                                f"{{\"{kind}\": ...}}") for kind in ("json", "regex", "choice",
+                                                                      "grammar")},
     "logprob_token_ids": (None, "log-probs of chosen token ids are not implemented"),
     "truncate_prompt_tokens": (None, "prompts are not truncated; shorten the prompt"),
     "prompt_embeds": (None, "jpaged takes text or token ids, not embeddings"),
@@ -199,11 +197,6 @@ class OpenAIServing:
             raise OpenAIError(f"logit_bias is not supported by jpaged "
                               f"({UNSUPPORTED_FIELDS['logit_bias'][1]}); leave it out",
                               param="logit_bias")
-        kind = request.response_format.type if request.response_format else "text"
-        if kind != "text":
-            raise OpenAIError(f"response_format of type {kind!r} needs structured outputs, which "
-                              f"jpaged does not have yet; use {{'type': 'text'}} or leave it out",
-                              param="response_format.type")
         if request.stream_options is not None and not request.stream:
             raise OpenAIError("Stream options can only be defined when `stream=True`.",
                               param="stream_options")
@@ -213,9 +206,12 @@ class OpenAIServing:
 
     def sampling_params(self, request, *, max_tokens: int, logprobs: int | None,
                         prompt_logprobs: int | None = None,
-                        output_kind: RequestOutputKind = RequestOutputKind.DELTA) -> SamplingParams:
+                        output_kind: RequestOutputKind = RequestOutputKind.DELTA,
+                        tool_constraint: StructuredOutputsParams | None = None) -> SamplingParams:
         """SamplingParams from the request's fields (OpenAI's defaults where it says None); a
-        range error names the field. `n` may exceed max_num_seqs (see `split_samples`)."""
+        range error names the field. `n` may exceed max_num_seqs (see `split_samples`). Its
+        structured outputs (response_format, structured_outputs or the chat's tool_choice:
+        tool_calls.py) are compiled here, so one that cannot compile is a 400 naming its field."""
         fields = dict(n=request.n, temperature=request.temperature, top_p=request.top_p,
                       top_k=request.top_k, min_p=request.min_p,
                       presence_penalty=request.presence_penalty,
@@ -232,8 +228,23 @@ class OpenAIServing:
             raise OpenAIError(f"stop_token_ids has id {bad[0]}, outside the vocabulary (vocab size "
                               f"{self.vocab_size}); give ids in [0, {self.vocab_size})",
                               param="stop_token_ids")
+        structured = self.structured_outputs(request, tool_constraint)
         return make_sampling_params(max_tokens=max_tokens, logprobs=logprobs,
-                                    output_kind=output_kind, **fields)
+                                    output_kind=output_kind, structured_outputs=structured,
+                                    **fields)
+
+    def structured_outputs(self, request, tool_constraint=None) -> StructuredOutputsParams | None:
+        from jpaged.entrypoints.openai.tool_calls import structured_outputs_of
+        structured = structured_outputs_of(request, tool_constraint)
+        if structured is None:
+            return None
+        field = "structured_outputs" if "structured_outputs" in (request.model_extra or {}) \
+            else "response_format" if tool_constraint is None else "tool_choice"
+        try:
+            self.llm_engine.structured.compile(structured)
+        except ValueError as exc:
+            raise OpenAIError(f"{field}: {exc}", param=field) from exc
+        return structured
 
     def split_samples(self, params: SamplingParams) -> list[tuple[int, SamplingParams]]:
         """(first sample index, params) of the engine requests that make `params.n` samples: one,

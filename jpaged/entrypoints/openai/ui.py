@@ -43,8 +43,7 @@ def capabilities(served_model_names: list[str], max_model_len: int, *,
     """What the page offers. The adapter choice appears when `lora_adapters` is not empty (the
     request's `model` is then the adapter's name, vLLM's convention), the JSON-schema box when
     `structured_outputs` is set (sent as OpenAI's `response_format` of type `json_schema`);
-    `tools` is only shown for now. The server has none of the three yet: their features pass
-    them here when they land."""
+    `tools` is only shown for now (the server sets it with --enable-auto-tool-choice)."""
     return {"models": [{"id": name, "max_model_len": max_model_len}
                        for name in served_model_names],
             "lora_adapters": [{"id": name} for name in lora_adapters],

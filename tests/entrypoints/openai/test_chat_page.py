@@ -98,7 +98,7 @@ def test_page_loads_without_the_key_and_its_api_calls_need_it(server, browser):
         assert httpx.get(server.url + path).status_code == 401
     caps = httpx.get(server.url + "/ui/capabilities", headers=server.headers).json()
     assert caps == {"models": [{"id": MODEL, "max_model_len": 256}], "lora_adapters": [],
-                    "structured_outputs": False, "tools": False}
+                    "structured_outputs": True, "tools": False}
 
     page = open_page(browser, server, key=None)
     api_calls = []

@@ -81,8 +81,9 @@ CASES = [
     ("/v1/chat/completions", _chat(response_format={"type": "yaml"}), 400,
      "Input should be 'text', 'json_object', 'json_schema' or 'structural_tag'",
      "response_format.type"),
-    ("/v1/completions", {"json": {"prompt": "Hi", "response_format": {"type": "json_object"}}}, 400,
-     "needs structured outputs", "response_format.type"),
+    ("/v1/completions", {"json": {"prompt": "Hi", "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}}}, 400,
+     "cannot compile it: Invalid type: strin", "response_format"),
     ("/v1/chat/completions", _chat(max_completion_tokens=0), 400,
      "max_completion_tokens must be at least 1, got 0", "max_completion_tokens"),
     ("/v1/completions", {"json": {"prompt": "Hi", "temperature": 1e9}}, 400,
