@@ -121,6 +121,7 @@ class OutputProcessor:
             for stop in p.stop:
                 at = detok.text.find(stop, max(0, checked - len(stop) + 1))
                 if at >= 0:
+                    _drop_last(seq, len(new_tokens) - 1 - j)
                     detok.text = detok.text[:at + (len(stop) if p.include_stop_str_in_output
                                                    else 0)]
                     if seq.is_finished:                # it overrides a length finish
@@ -204,3 +205,16 @@ def _stopped_by_token(seq: Sequence) -> bool:
     nor by a structured output's grammar completing on a text token (core/structured.py)."""
     return seq.finish_reason == "stop" and not isinstance(seq.stop_reason, str) and not (
         seq.grammar is not None and seq.grammar.completed_by_text)
+
+
+def _drop_last(seq: Sequence, count: int) -> None:
+    """Drop the tokens a step appended after the one that completed a stop string (speculative
+    decoding appends several per step; one at a time, they would never have been made)."""
+    if not count:
+        return
+    dropped = seq.token_ids[-count:]
+    del seq.token_ids[-count:]
+    if seq.logprobs:
+        for token, entry in zip(dropped, seq.logprobs[-count:]):
+            seq.cumulative_logprob -= entry[token].logprob
+        del seq.logprobs[-count:]

@@ -166,21 +166,23 @@ class LayerSkipDrafter:
         reach that far (they write the null page and attend to nothing)."""
         size = self.page_size
         rows = jnp.arange(tokens.shape[0])
-        proposals = []
-        for i in range(self.k):
+        qsl = jnp.arange(tokens.shape[0] + 1, dtype=jnp.int32)
+
+        def one(carry, i):                    # a scan, not an unrolled loop: one model to compile
+            tokens, positions, kv_cache = carry
             valid = num_spec > i
             positions = jnp.where(valid, positions, 0)
             slots = block_tables[rows, positions // size] * size + positions % size
-            metadata = AttentionMetadata(
-                block_tables, jnp.where(valid, slots, 0), jnp.where(valid, positions + 1, 0),
-                jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(jnp.ones_like(tokens))]),
-                decode_only=True)
+            metadata = AttentionMetadata(block_tables, jnp.where(valid, slots, 0),
+                                         jnp.where(valid, positions + 1, 0), qsl, decode_only=True)
             logits, kv_cache = self.model.apply({"params": params}, tokens, positions, kv_cache,
                                                 metadata)
             tokens = _argmax(logits)
-            proposals.append(tokens)
-            positions = positions + 1
-        return jnp.stack(proposals, axis=1), kv_cache
+            return (tokens, positions + 1, kv_cache), tokens
+
+        (_, _, kv_cache), proposals = jax.lax.scan(one, (tokens, positions, kv_cache),
+                                                   jnp.arange(self.k))
+        return proposals.T, kv_cache                                        # [B, k]
 
     def draft(self, params, kv_cache, rows: list[ScheduledSeq], num_seqs: int, num_pages: int):
         """The rows with their proposals filled in (rows that asked for some) and the cache."""

@@ -55,6 +55,16 @@ class ServerMetrics:
                                  "while their own compiled in the background.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that started.")
         self.generation_tokens = counter("generation_tokens", "Generated tokens.")
+        # speculative decoding, vLLM's spec_decode_* counters (0 without speculative_config)
+        self.spec_drafts = counter("spec_decode_num_drafts", "Sequence steps that verified "
+                                   "speculative proposals.")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens",
+                                         "Speculative proposals verified.")
+        self.spec_accepted = counter("spec_decode_num_accepted_tokens",
+                                     "Speculative proposals accepted.")
+        self.spec_per_pos = Counter("jpaged:spec_decode_num_accepted_tokens_per_pos",
+                                    "Speculative proposals accepted, by position.",
+                                    ["model_name", "position"], registry=registry)
         self.request_success = Counter("jpaged:request_success", "Finished sequences by finish reason.",
                                        ["model_name", "finished_reason"], registry=registry)
         self.model_name = model_name
@@ -78,6 +88,16 @@ class ServerMetrics:
         self.prefix_hits.inc(max(0, stats.prefix_cache_hits - last.prefix_cache_hits))
         self.preemptions.inc(max(0, stats.num_preemptions - last.num_preemptions))
         self.stand_ins.inc(max(0, stats.num_stand_in_steps - last.num_stand_in_steps))
+        self.spec_drafts.inc(max(0, stats.spec_decode_num_drafts - last.spec_decode_num_drafts))
+        self.spec_draft_tokens.inc(max(0, stats.spec_decode_num_draft_tokens -
+                                       last.spec_decode_num_draft_tokens))
+        self.spec_accepted.inc(max(0, stats.spec_decode_num_accepted_tokens -
+                                   last.spec_decode_num_accepted_tokens))
+        before = last.spec_decode_num_accepted_tokens_per_pos
+        for j, count in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+            gained = count - (before[j] if j < len(before) else 0)
+            if gained > 0:
+                self.spec_per_pos.labels(self.model_name, str(j)).inc(gained)
         self._last = stats
 
     def on_output(self, times: RequestTimes) -> None:
