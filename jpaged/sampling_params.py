@@ -87,6 +87,13 @@ class StructuredOutputsParams:
             "json_object": self.json_object is True,
             "structural_tag": isinstance(self.structural_tag, str),
         }
+        for name in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"StructuredOutputsParams: {name} must be a bool, got "
+                                 f"{getattr(self, name)!r}")
+        if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
+            raise ValueError(f"StructuredOutputsParams: whitespace_pattern must be a regex string, "
+                             f"got {self.whitespace_pattern!r}")
         kind = given[0]
         if not checks[kind]:
             expected = {"json": "a JSON schema (dict or string)", "regex": "a non-empty string",

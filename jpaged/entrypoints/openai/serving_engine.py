@@ -242,7 +242,7 @@ class OpenAIServing:
             else "response_format" if tool_constraint is None else "tool_choice"
         try:
             self.llm_engine.structured.compile(structured)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise OpenAIError(f"{field}: {exc}", param=field) from exc
         return structured
 
