@@ -41,6 +41,7 @@ from jpaged.engine.sampler import SamplerFlags, SamplingTensors, sample
 from jpaged.models import (AttentionFns, AttentionMetadata, CausalLM, KVCache, arrange_layers,
                            reference_attention, slot_mapping)
 from jpaged.models.lora import LoRABatch, slotted
+from jpaged.models.weights import held_for_platform
 
 
 @dataclasses.dataclass
@@ -72,6 +73,7 @@ def load(path, dtype: str | None = None, mesh=None,
     from jpaged.checkpoint.loader import load_checkpoint
 
     checkpoint = load_checkpoint(path, dtype=dtype, progress=False, mesh=mesh)
+    checkpoint = dataclasses.replace(checkpoint, params=held_for_platform(checkpoint.params))
     config = dataclasses.replace(checkpoint.config, eos_token_ids=tuple(checkpoint.eos_token_ids))
     if mesh is None:
         return (CausalLM(config, jnp.dtype(checkpoint.dtype)), arrange_layers(checkpoint.params),

@@ -38,9 +38,11 @@ from jpaged.engine.input_processor import InputProcessor
 from jpaged.engine.lora import LoRAManager
 from jpaged.engine.output_processor import OutputProcessor
 from jpaged.engine.runner import ModelRunner
-from jpaged.engine.speculative import LayerSkipDrafter
-from jpaged.models import CausalLM, KVCache
+from jpaged.engine.page_mover import PageMover
+from jpaged.engine.speculative import DraftModelDrafter, LayerSkipDrafter
+from jpaged.models import CausalLM, KVCache, arrange_layers
 from jpaged.models.kv_cache import KV_CACHE_DTYPES, cache_dtype
+from jpaged.models.weights import held_for_platform
 from jpaged.outputs import RequestOutput
 from jpaged.parallel import TensorParallel
 from jpaged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
@@ -157,7 +159,8 @@ class LLMEngine:
         fns = self.parallel.wrap_attention(self.attention.fns) if self.parallel else self.attention.fns
         model = CausalLM(run_config, self.dtype, fns,
                          moe=self.parallel.moe_fn() if self.parallel and mc.is_moe else None)
-        params = self.parallel.shard_params(checkpoint.params) if self.parallel else checkpoint.params
+        params = held_for_platform(checkpoint.params)          # 4-bit as int8 on CPU (weights.py)
+        params = self.parallel.shard_params(params) if self.parallel else params
         page_bytes = KVCache.bytes_per_page(mc, config.page_size, self.dtype, config.kv_cache_dtype)
         num_host_pages = int(config.swap_space * _GIB // page_bytes) \
             if config.preemption_mode == "swap" else 0
@@ -189,7 +192,7 @@ class LLMEngine:
                 shardings=self.parallel.step_shardings(params, config.kv_cache_dtype)
                 if self.parallel else None,
                 compile_in_background=config.compile_in_background and jax.process_count() == 1,
-                drafter=self._layer_skip_drafter(spec, run_config, fns))
+                drafter=self._drafter(spec, run_config, fns, num_pages, num_host_pages))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured = GrammarCompiler(self.tokenizer, mc.vocab_size, eos_token_ids)
         self.input_processor = InputProcessor(
@@ -289,7 +292,9 @@ class LLMEngine:
         generated are kept) and the prefix cache is reset.
         Under tensor parallelism `params` is in the checkpoint's layout (as jpaged.load gives it):
         its KV heads are replicated and every leaf placed in the engine's shards first.
+        Quantized params are held as at load (on CPU, 4-bit weights widened: weights.py).
         """
+        params = held_for_platform(params)
         if self.parallel:
             params = self.parallel.shard_params(params)
         self.runner.swap_params(params)
@@ -551,21 +556,44 @@ class LLMEngine:
             spec = SpeculativeConfig.from_dict(
                 {"method": spec.method, "num_speculative_tokens": spec.num_speculative_tokens,
                  "num_layers": spec.num_layers}, self.model_config.num_layers)
+        if spec.method == "draft_model" and self.config.tensor_parallel_size > 1:
+            raise ValueError("speculative_config method 'draft_model' runs on one device; use "
+                             "tensor_parallel_size=1 or method 'ngram' / 'layer_skip'")
         logger.info("speculative decoding: %s, k=%d%s", spec.method, spec.num_speculative_tokens,
                     f", draft = the first {spec.num_layers} of {self.model_config.num_layers} "
-                    f"layers" if spec.method == "layer_skip" else
+                    f"layers" if spec.method == "layer_skip" else f", draft = {spec.model}"
+                    if spec.method == "draft_model" else
                     f", n-grams {spec.prompt_lookup_min}..{spec.prompt_lookup_max}")
         return spec
 
-    def _layer_skip_drafter(self, spec, run_config, fns) -> LayerSkipDrafter | None:
-        """The target's first m layers as a model over the same params and cache."""
-        if spec is None or spec.method != "layer_skip":
+    def _drafter(self, spec, run_config, fns, num_pages: int,
+                 num_host_pages: int) -> LayerSkipDrafter | None:
+        """layer_skip: the target's first m layers as a model over the same params and cache;
+        draft_model: the draft checkpoint with its own mirrored KV pool (DraftModelDrafter)."""
+        if spec is None or spec.method == "ngram":
             return None
-        draft = CausalLM(dataclasses.replace(run_config, num_layers=spec.num_layers), self.dtype,
-                         fns, moe=self.parallel.moe_fn() if self.parallel and
-                         self.model_config.is_moe else None)
-        return LayerSkipDrafter(draft, self.config.page_size, spec.num_speculative_tokens,
-                                self._stats)
+        k, size = spec.num_speculative_tokens, self.config.page_size
+        if spec.method == "layer_skip":
+            draft = CausalLM(dataclasses.replace(run_config, num_layers=spec.num_layers),
+                             self.dtype, fns, moe=self.parallel.moe_fn() if self.parallel and
+                             self.model_config.is_moe else None)
+            return LayerSkipDrafter(draft, size, k, self._stats)
+        from jpaged.checkpoint.loader import load_checkpoint
+        checkpoint = load_checkpoint(spec.model, dtype=self.dtype.name, progress=False)
+        dc = checkpoint.config
+        if dc.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"speculative_config['model'] ({spec.model}) has a vocabulary of "
+                             f"{dc.vocab_size} tokens but the target's has "
+                             f"{self.model_config.vocab_size}; a draft model must share the "
+                             f"target's tokenizer")
+        attention = select_attention(self.config.attention_backend, ProbeShape(
+            dc.num_heads, dc.num_kv_heads, dc.head_dim, self.dtype.name, size, dc.sliding_window,
+            dc.attn_soft_cap, dc.attn_scale))
+        draft = CausalLM(dataclasses.replace(dc, max_model_len=self.max_model_len), self.dtype,
+                         attention.fns)
+        cache = KVCache.zeros(dc, num_pages, size, self.dtype, self.config.kv_cache_dtype)
+        return DraftModelDrafter(draft, arrange_layers(checkpoint.params),
+                                 cache, PageMover(cache, num_host_pages), size, k, self._stats)
 
     def _zeros_cache(self, num_pages: int) -> KVCache:
         cfg = self.config

@@ -62,7 +62,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jpaged_kernels.quantization import QuantizedWeight, dequantize, quantize, quantized_matmul
+from jpaged_kernels.quantization import (QuantizedWeight, dequantize, quantize, quantized_matmul,
+                                         widened)
 
 LAYER_MATMULS = ("wqkv", "wo", "w_gate_up", "w_down")   # split per layer on one CPU device
 # The input (contraction) axis of each matmul weight in its float layout (weights.py's docstring),
@@ -241,6 +242,15 @@ def project(x, w, transposed: bool = False):
     if isinstance(w, QuantizedWeight):
         return quantized_matmul(x, w).astype(x.dtype)
     return x @ (w.T if transposed else w).astype(x.dtype)
+
+
+def held_for_platform(params, platform: str | None = None):
+    """`params` as the platform runs them fastest: on CPU, quantized weights `widened` (4-bit
+    values as int8, float32 scales; see jpaged_kernels/quantization.py); elsewhere unchanged."""
+    if (platform or jax.default_backend()) != "cpu":
+        return params
+    return jax.tree.map(lambda leaf: widened(leaf) if isinstance(leaf, QuantizedWeight) else leaf,
+                        params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
 
 
 # ---- quantization of a params tree ------------------------------------------------------------

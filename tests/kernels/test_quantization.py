@@ -74,3 +74,23 @@ def test_group_size_must_divide_the_input():
         quantize(np.zeros((4, 128), np.float32), "int4", 96)
     with pytest.raises(ValueError, match="quantization='int3' is not one of"):
         quantize(np.zeros((4, 128), np.float32), "int3")
+
+
+@pytest.mark.parametrize("group_size", [16, 32, 128])
+def test_a_widened_4bit_weight_holds_the_same_values(group_size):
+    """On CPU the engine holds 4-bit weights as int8 values with float32 scales (`widened`):
+    the same weight, so the same matmul as NumPy's dequantize-then-matmul, for one row (the
+    fused matrix-vector product) and several (the tiled path)."""
+    from jpaged_kernels.quantization import widened
+
+    rng = np.random.default_rng(group_size)
+    qw = quantize(rng.standard_normal((3, 40, 256)).astype(np.float32), "int4", group_size)
+    wide = widened(qw)
+    assert wide.bits == 8 and wide.values.dtype == jnp.int8 and wide.values.shape == (3, 40, 256)
+    assert wide.scales.dtype == jnp.float32 and wide.mins.dtype == jnp.float32
+    np.testing.assert_array_equal(numpy_dequantize(wide), numpy_dequantize(qw))
+    for rows in (1, 5):
+        x = rng.standard_normal((rows, 256)).astype(np.float32)
+        want = x.astype(np.float64) @ numpy_dequantize(qw).reshape(-1, 256).T
+        got = np.asarray(quantized_matmul(jnp.asarray(x), wide)).reshape(rows, -1)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
