@@ -6,7 +6,7 @@ import sys
 
 def test_importing_jpaged_core_does_not_import_jax():
     code = ("import sys, jpaged, jpaged.core.block_manager, jpaged.core.scheduler, "
-            "jpaged.core.sequence, jpaged.sampling_params, jpaged.outputs; "
+            "jpaged.core.sequence, jpaged.core.structured, jpaged.sampling_params, jpaged.outputs; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -216,6 +216,26 @@ def test_a_schema_that_cannot_compile_names_the_field(llm):
     assert_all_pages_free(llm)
 
 
+def test_matcher_accepts_rolls_back_and_stops(llm):
+    """What speculative decoding needs: validate proposals without consuming, roll back the
+    rejected ones, and the bitmask follows the state."""
+    tokenizer = llm.llm_engine.tokenizer
+    matcher = llm.llm_engine.structured.matcher(StructuredOutputsParams(choice=["red", "green"]))
+    red = tokenizer.encode("red", add_special_tokens=False)
+    green = tokenizer.encode("green", add_special_tokens=False)
+    assert matcher.validate(red) == len(red) and matcher.validate([*red, *red]) == len(red)
+    assert all(matcher.accept(t) for t in red) and matcher.is_stopped
+    matcher.rollback(len(red))
+    assert not matcher.is_stopped and matcher.num_tokens == 0
+    bitmask = np.zeros((1, (llm.llm_engine.model_config.vocab_size + 31) // 32), np.int32)
+    matcher.fill(bitmask, 0)
+    allowed = np.flatnonzero(np.unpackbits(bitmask.view(np.uint8), bitorder="little"))
+    assert red[0] in allowed and green[0] in allowed and len(allowed) < 50
+    assert all(matcher.accept(t) for t in green) and matcher.is_stopped
+    with pytest.raises(ValueError, match="rollback"):
+        matcher.rollback(len(green) + 1)
+
+
 def test_sampler_bitmask_matches_llguidance_reference():
     from llguidance.numpy import apply_token_bitmask_inplace
     vocab, rows = 70, 3
