@@ -79,6 +79,9 @@ class OpenAIServingCompletion(OpenAIServing):
         if "output_kind" in fields:
             raise OpenAIError("output_kind is chosen by the server; leave it out",
                               param="output_kind")
+        if fields.get("structured_outputs") is not None:     # vLLM's dict, compiled up front
+            fields["structured_outputs"] = self.compiled_structured_outputs(
+                fields["structured_outputs"])
         [token_ids] = await self.encode([prompt])
         engine_prompt = {"prompt": prompt, "prompt_token_ids": token_ids}
         params = make_sampling_params(**fields, output_kind=RequestOutputKind.DELTA)

@@ -233,6 +233,16 @@ class OpenAIServing:
                                     output_kind=output_kind, structured_outputs=structured,
                                     **fields)
 
+    def compiled_structured_outputs(self, fields) -> StructuredOutputsParams:
+        """/generate's `structured_outputs` dict as compiled params (a 400 naming the field)."""
+        from jpaged.entrypoints.openai.tool_calls import structured_outputs_params
+        structured = structured_outputs_params(fields)
+        try:
+            self.llm_engine.structured.compile(structured)
+        except (ValueError, TypeError) as exc:
+            raise OpenAIError(f"structured_outputs: {exc}", param="structured_outputs") from exc
+        return structured
+
     def structured_outputs(self, request, tool_constraint=None) -> StructuredOutputsParams | None:
         from jpaged.entrypoints.openai.tool_calls import structured_outputs_of
         structured = structured_outputs_of(request, tool_constraint)

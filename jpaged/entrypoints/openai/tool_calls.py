@@ -42,10 +42,7 @@ def structured_outputs_of(request, tool_choice=None) -> StructuredOutputsParams 
     found = []
     body = (request.model_extra or {}).get("structured_outputs")
     if body is not None:
-        if not isinstance(body, dict):
-            raise OpenAIError(f"structured_outputs must be an object such as {{\"json\": "
-                              f"{{...}}}}, got {type(body).__name__}", param="structured_outputs")
-        found.append(("structured_outputs", _params(body, "structured_outputs")))
+        found.append(("structured_outputs", structured_outputs_params(body)))
     fmt = request.response_format
     if fmt is not None and fmt.type != "text":
         found.append(("response_format", _from_response_format(fmt)))
@@ -55,6 +52,14 @@ def structured_outputs_of(request, tool_choice=None) -> StructuredOutputsParams 
         raise OpenAIError(f"{found[0][0]} and {found[1][0]} both constrain the output; give one",
                           param=found[1][0])
     return found[0][1] if found else None
+
+
+def structured_outputs_params(body) -> StructuredOutputsParams:
+    """vLLM's `structured_outputs` request field (a dict) as params; a 400 naming the field."""
+    if not isinstance(body, dict):
+        raise OpenAIError(f"structured_outputs must be an object such as {{\"json\": {{...}}}}, "
+                          f"got {type(body).__name__}", param="structured_outputs")
+    return _params(body, "structured_outputs")
 
 
 def _params(fields: dict, param: str) -> StructuredOutputsParams:

@@ -12,6 +12,7 @@ import json
 import re
 from typing import Literal
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -89,6 +90,12 @@ def test_structured_outputs_in_the_body(client, server):
                                     max_tokens=20, seed=5,
                                     extra_body={"structured_outputs": {"regex": r" [A-Z]{3}-\d{3}"}})
     assert re.fullmatch(r" [A-Z]{3}-\d{3}", out.choices[0].text)
+    body = {"prompt": "The answer is", "temperature": 1.0, "seed": 5,
+            "structured_outputs": {"choice": [" yes", " no"]}}
+    r = httpx.post(f"{server.url}/generate", json=body, timeout=120)
+    assert r.json()["text"][0] in ("The answer is yes", "The answer is no")
+    r = httpx.post(f"{server.url}/generate", json={**body, "structured_outputs": {"regex": "("}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
 
 
 def test_a_schema_that_cannot_compile_is_a_400_naming_the_field(client):
