@@ -12,7 +12,8 @@ Methods (vLLM's names):
     proposed on the host while scheduling, so a sequence with no match brings no extra tokens.
   - "layer_skip": self-speculation. The target's first `num_layers` layers, its final norm and
     LM head propose k tokens greedily, in one jitted draft call for every speculating sequence.
-  - "draft_model": NOT IMPLEMENTED (a clear error says so).
+  - "draft_model": a smaller checkpoint with the target's vocabulary proposes k tokens greedily
+    (one jitted call), over its own KV pool that mirrors the target's page for page.
 NOTE: every proposer here is deterministic, i.e. a point-mass draft, so verification accepts a
 proposal x with probability p(x) and resamples from p with x removed (vLLM's n-gram rule): the
 output distribution is the target's exactly, whatever the proposer.
@@ -39,6 +40,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 5           # ngram
     prompt_lookup_min: int = 2           # ngram
     num_layers: int = 0                  # layer_skip: the target's first m layers propose
+    model: str | None = None             # draft_model: the draft checkpoint's path
 
     @classmethod
     def from_dict(cls, config: dict, num_model_layers: int | None = None) -> "SpeculativeConfig":
@@ -56,10 +58,6 @@ class SpeculativeConfig:
         if unknown:
             raise ValueError(f"speculative_config has unknown key(s) {sorted(unknown)} for method "
                              f"{method!r}; allowed keys: {sorted(_KEYS[method])}")
-        if method == "draft_model":
-            raise ValueError("speculative_config['method'] = 'draft_model' is not implemented in "
-                             "jpaged yet; use 'ngram' or 'layer_skip' (self-speculation with the "
-                             "target's first layers)")
         k = config.get("num_speculative_tokens")
         _check_int("num_speculative_tokens", k, 1, 16)
         out = cls(method, k)
@@ -68,6 +66,12 @@ class SpeculativeConfig:
             _check_int("prompt_lookup_max", hi, 1, 64)
             _check_int("prompt_lookup_min", lo, 1, hi)
             out = dataclasses.replace(out, prompt_lookup_max=hi, prompt_lookup_min=lo)
+        elif method == "draft_model":
+            path = config.get("model")
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"speculative_config['model'] must be the path of the draft "
+                                 f"checkpoint (same tokenizer as the target), got {path!r}")
+            out = dataclasses.replace(out, model=path)
         else:
             m = config.get("num_layers")
             top = (num_model_layers - 1) if num_model_layers else 1 << 20

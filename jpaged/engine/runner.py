@@ -116,6 +116,8 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> StepResult:
         """Apply the step's page moves (swaps, copy-on-write), run the step, and sample."""
         self.kv_cache = self.pages.apply(out, self.kv_cache)
+        if self.drafter is not None:
+            self.drafter.apply_moves(out)
         if any(r.num_spec_tokens for r in out.scheduled):
             return self._execute_speculative(out)
         fn, key, inputs = self._executable(out.scheduled)
@@ -123,6 +125,8 @@ class ModelRunner:
             self.lora.apply_loads(out.lora_loads)
         logits, self.kv_cache, token_logprobs = fn(self.params, self.kv_cache, inputs,
                                                    self._lora_batch(out.scheduled, inputs))
+        if self.drafter is not None:
+            self.drafter.observe(inputs)
         tensors, flags = build_sampling_tensors(out.scheduled, key.num_seqs, self.vocab_size,
                                                 self.max_model_len, self.eos_token_ids)
         tokens, logprobs, top_ids, top_lp = self._jit_sample(logits, tensors, flags=flags)
@@ -149,6 +153,8 @@ class ModelRunner:
             self.lora.apply_loads(out.lora_loads)
         logits, self.kv_cache, token_logprobs = fn(self.params, self.kv_cache, inputs,
                                                    self._lora_batch(rows, inputs))
+        if self.drafter is not None:
+            self.drafter.observe(inputs)
         results = self.verifier(logits, rows, key.num_seqs, key.spec_width, self.eos_token_ids)
         n = len(rows)
         waiting = time.perf_counter()

@@ -155,6 +155,12 @@ class LayerSkipDrafter:
     """Self-speculation: `model` is the target with config.num_layers = m (it scans layers
     0..m-1 of the same params and cache); k greedy decode steps in one jitted call."""
 
+    def apply_moves(self, out) -> None:
+        """The step's page moves (the target's cache is the draft's: nothing to do)."""
+
+    def observe(self, inputs) -> None:
+        """The step's inputs after the target ran them (its KV is the draft's: nothing to do)."""
+
     def __init__(self, model, page_size: int, num_speculative_tokens: int, stats: Stats):
         self.model, self.page_size, self.k, self.stats = model, page_size, num_speculative_tokens, \
             stats
@@ -203,3 +209,40 @@ class LayerSkipDrafter:
                 if num_spec[i] else r for i, r in enumerate(rows)]
         self.stats.spec_decode_draft_seconds += time.perf_counter() - start
         return rows, kv_cache
+
+
+class DraftModelDrafter(LayerSkipDrafter):
+    """A smaller checkpoint with the target's vocabulary proposes (greedy, k steps, one jitted
+    call). NOTE: its own KV pool, mirroring the target's page for page: the same page ids and
+    block tables index a second cache of the draft's shape, so the block manager's bookkeeping
+    (refcounts, copy-on-write, prefix cache, swap) serves both. Every step the draft also runs the
+    step's own inputs (`observe`: prefill chunks, decodes, verified positions) so its KV holds
+    exactly the tokens the target's does; the page moves of each step are applied to it too."""
+
+    def __init__(self, model, params, kv_cache, page_mover, page_size: int,
+                 num_speculative_tokens: int, stats: Stats):
+        super().__init__(model, page_size, num_speculative_tokens, stats)
+        self.params, self.kv_cache, self.pages = params, kv_cache, page_mover
+        self._jit_observe = jax.jit(self._observe, donate_argnames=("kv_cache",))
+
+    def _observe(self, params, kv_cache, batch):
+        _, kv_cache = self.model.apply({"params": params}, batch.token_ids, batch.positions,
+                                       kv_cache, batch.metadata)
+        return kv_cache
+
+    def apply_moves(self, out) -> None:
+        self.kv_cache = self.pages.apply(out, self.kv_cache)
+
+    def draft(self, params, kv_cache, rows, num_seqs: int, num_pages: int):
+        """As LayerSkipDrafter.draft over the draft's own params and cache; the target's cache
+        is returned untouched."""
+        rows, self.kv_cache = super().draft(self.params, self.kv_cache, rows, num_seqs, num_pages)
+        return rows, kv_cache
+
+    def observe(self, inputs) -> None:
+        """Run the draft over the step's inputs (writing its KV at every position the target
+        computed in this step)."""
+        start = time.perf_counter()
+        batch = dataclasses.replace(inputs, logprob_targets=None, logits_indices=None)
+        self.kv_cache = self._jit_observe(self.params, self.kv_cache, batch)
+        self.stats.spec_decode_draft_seconds += time.perf_counter() - start

@@ -52,7 +52,9 @@ def token_ids(outputs) -> list[list[int]]:
     ({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 6}, "prompt_lookup_min"),
     ({"method": "ngram", "num_speculative_tokens": 3, "num_layers": 4}, "num_layers"),
     ({"method": "layer_skip", "num_speculative_tokens": 3}, "num_layers"),
-    ({"method": "draft_model", "num_speculative_tokens": 3, "model": "x"}, "draft_model"),
+    ({"method": "draft_model", "num_speculative_tokens": 3}, "model"),
+    ({"method": "draft_model", "num_speculative_tokens": 3, "model": "x", "num_layers": 2},
+     "num_layers"),
 ])
 def test_invalid_configs_name_the_key(config, key):
     with pytest.raises(ValueError, match=key):
@@ -153,12 +155,17 @@ def layer_skip(k: int) -> dict:
 
 @pytest.mark.parametrize("spec, prompts", [
     (ngram(1), [0, 2]), (ngram(3), [0, 1, 2, 3]), (ngram(5), [3, 2]),
-    (layer_skip(1), [1, 2]), (layer_skip(3), [0, 1, 2, 3]), (layer_skip(5), [3, 2])],
-    ids=["ngram1", "ngram3", "ngram5", "layer_skip1", "layer_skip3", "layer_skip5"])
+    (layer_skip(1), [1, 2]), (layer_skip(3), [0, 1, 2, 3]), (layer_skip(5), [3, 2]),
+    ("draft_model", [0, 1, 2])],
+    ids=["ngram1", "ngram3", "ngram5", "layer_skip1", "layer_skip3", "layer_skip5",
+         "draft_model3"])
 def test_smollm2_greedy_identical(smollm2_path, smol_plain, spec, prompts):
     """Every method and k: the same tokens as without speculation, with prompts whose proposals
     are accepted, rejected or missing in the same steps as plain decodes (the last request's
     last tokens leave no room for proposals) and prefill chunks; all pages free."""
+    if spec == "draft_model":    # SmolLM2 drafts for itself: every proposal must be accepted,
+        spec = {"method": "draft_model", "model": str(smollm2_path),   # so its mirrored KV is
+                "num_speculative_tokens": 3}                            # exactly the target's
     llm = LLM(str(smollm2_path), **SMOL, num_pages=160, speculative_config=spec)
     steps = _record_steps(llm)
     params = [SamplingParams(temperature=0, max_tokens=32)] * (len(prompts) - 1) + \
@@ -170,6 +177,8 @@ def test_smollm2_greedy_identical(smollm2_path, smol_plain, spec, prompts):
     assert stats.spec_decode_num_draft_tokens > 0
     assert 0 < stats.spec_decode_num_accepted_tokens <= stats.spec_decode_num_draft_tokens
     assert any(mixed for mixed in steps), "no step mixed proposals with plain rows"
+    if spec["method"] == "draft_model":
+        assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens
     assert_all_pages_free(llm)
 
 
