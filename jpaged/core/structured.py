@@ -187,9 +187,17 @@ class GrammarCompiler:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        grammar = grammar_source(spec)
-        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
-            grammar, self.tokenizer)
+        try:
+            grammar = grammar_source(spec)
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(
+                grammar, self.tokenizer)
+        except ValueError:
+            raise
+        except BaseException as exc:      # a TypeError, or a panic of the Rust side
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise ValueError(f"structured_outputs.{spec.kind}: the grammar engine failed on it "
+                             f"({type(exc).__name__}: {exc})") from None
         if is_error:
             reason = messages[0].strip() if messages else "unknown error"
             raise ValueError(f"structured_outputs.{spec.kind}: the grammar engine cannot compile "
