@@ -57,8 +57,9 @@ def adapters(smollm2_hf, tmp_path_factory, hf_greedy_batch):
 
 @pytest.fixture(scope="module")
 def llm(smollm2_path):
-    # two device slots for three adapters: mixed batches wait for slots and evict adapters
-    return LLM(str(smollm2_path), dtype="float32", page_size=16, num_pages=64, max_model_len=128,
+    # two device slots for three adapters: mixed batches wait for slots and evict adapters; 10
+    # usable pages for 6 running sequences of 16 + 10 tokens (2 pages each): preemption
+    return LLM(str(smollm2_path), dtype="float32", page_size=16, num_pages=11, max_model_len=128,
                max_num_seqs=8, max_num_batched_tokens=128, enable_lora=True, max_loras=2,
                max_lora_rank=16, max_cpu_loras=2)
 
@@ -94,19 +95,20 @@ def test_each_adapter_equals_hf_merged(llm, adapters):
 def test_mixed_batch_equals_alone_over_two_slots(llm, adapters):
     expected, ids = adapters
     engine = llm.llm_engine
-    names = [None, *ADAPTERS] * len(ids)
-    prompts = [ids[i // 4] for i in range(len(names))]
+    names = [None, *ADAPTERS] * 2
+    # prompt 2 is one full page: every sequence needs a second page while decoding
+    prompts = [ids[2]] * len(names)
     loads_before = engine.lora.num_loads
-    compiled_before = engine.stats().num_step_compilations
+    preempted_before = engine.stats().num_preemptions
     got = run(llm, prompts, [request(adapters, n) for n in names])
     for i, (name, tokens) in enumerate(zip(names, got)):
-        assert tokens == expected[name][1][i // 4], (i, name)
-    # three adapters through two slots: some were evicted and placed again
+        assert tokens == expected[name][1][2], (i, name)
+    # three adapters through two slots: some were evicted and placed again, and sequences
+    # preempted by recompute came back with their adapter
     assert engine.lora.num_loads - loads_before >= 3
-    # which adapter sits where is data: only new batch shapes compile, no adapter does
-    again = run(llm, prompts, [request(adapters, n) for n in names])
-    assert again == got
-    assert engine.stats().num_step_compilations - compiled_before <= 6
+    assert engine.stats().num_preemptions > preempted_before
+    # which adapter sits in which slot is data: the slot writer compiled once, for every load
+    assert engine.lora._write._cache_size() == 1
     assert_all_pages_free(llm)
 
 
