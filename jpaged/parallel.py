@@ -130,6 +130,10 @@ def param_specs(params, config: ModelConfig, tensor_parallel_size: int,
             axes[_quantized_axis(path, keys, axis, ndim)] = AXIS
         elif keys[-1] in ("embedding", "lm_head") and config.vocab_size % tp == 0:
             axes[_quantized_axis(path, keys, 0 if keys[-1] == "embedding" else -1, ndim)] = AXIS
+        # NOTE: a quantized weight's per-channel scales have a group axis of 1 where its values
+        # are split by input (wo, w_down): such a field stays whole on every device (XLA's
+        # partitioner keeps the dequantization exact either way)
+        axes = [a if a is None or leaf.shape[i] % tp == 0 else None for i, a in enumerate(axes)]
         return PartitionSpec(*axes)
     return jax.tree_util.tree_map_with_path(spec, params)
 
@@ -323,12 +327,12 @@ class TensorParallel:
         return call
 
     def step_shardings(self, params, kv_cache_dtype: str = "auto"):
-        """(in_shardings, out_shardings) of the engine's step(params, kv_cache, batch): the batch's
-        small int32 arrays, the logits and the prompt log-probs replicated, the donated cache kept
-        by KV head."""
+        """(in_shardings, out_shardings) of the engine's step(params, kv_cache, batch, lora): the
+        batch's small int32 arrays, the logits and the prompt log-probs replicated, the donated
+        cache kept by KV head (LoRA is refused under tensor parallelism: its argument is None)."""
         cache = self.cache_sharding(kv_cache_dtype)
-        return (jax.tree.map(lambda a: a.sharding, params), cache, self.replicated), \
-            (self.replicated, cache, self.replicated)
+        return (jax.tree.map(lambda a: a.sharding, params), cache, self.replicated,
+                self.replicated), (self.replicated, cache, self.replicated)
 
 
 def place(tree, shardings):

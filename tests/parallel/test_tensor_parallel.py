@@ -133,6 +133,20 @@ def test_random_llama_32q_8kv_same_greedy_tokens_for_tp_1_2_4_8(tmp_path):
                                   "[1, 2, 4, 8, 16, 32]"}
 
 
+@pytest.mark.parametrize("llm", [dict(quantization="int8", kv_cache_dtype="int8"),
+                                 dict(quantization="int4", kv_cache_dtype="fp8")])
+def test_quantized_weights_and_kv_cache_shard_with_their_scales(llm):
+    """Quantized matmul weights (values, scales and mins sharded like the float weight) and a
+    quantized KV cache (pages and per-token scales by KV head): the same greedy tokens for
+    tensor_parallel_size 1, 2 and 4, each device holding 1/N of the KV pages."""
+    result = run_mesh({"model": "random", "sizes": [1, 2, 4], "prompts": PROMPTS, "max_tokens": 8,
+                       "llm": llm})
+    for size in (2, 4):
+        assert result[size]["tokens"] == result[1]["tokens"], (llm, size)
+        assert result[size]["after_update"] == result[1]["tokens"]
+        assert_sharded(result[size], size, {"kv_cache_k": 1})
+
+
 def test_kv_heads_are_replicated_when_tp_exceeds_them(tmp_path):
     # 8 query heads, 2 KV heads on 4 devices: each KV head twice, one per device with its 2 queries.
     result = run_mesh({"model": "random", "sizes": [1, 4], "prompts": PROMPTS[:2], "max_tokens": 5,

@@ -1,7 +1,8 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8 (see test_tensor_parallel.py).
 
 argv[1] is a JSON job: {"model": "random" | PATH, "sizes": [1, 2, ...], "prompts": [[ids]],
-"max_tokens": n, "config": {overrides of RANDOM_LLAMA}}.
+"max_tokens": n, "config": {overrides of RANDOM_LLAMA}, "llm": {LLM keyword arguments, e.g.
+quantization / kv_cache_dtype}}.
 Prints one line "RESULT {json}" with, per size, the greedy tokens, their log-probs, and the shard
 shapes of the engine's weights and KV cache read from `addressable_shards`.
 """
@@ -20,6 +21,7 @@ os.environ.setdefault("JPAGED_MODEL_CACHE_DIR", "off")
 
 from jpaged import LLM, SamplingParams  # noqa: E402
 from jpaged.models.random_weights import random_checkpoint  # noqa: E402
+from jpaged.models.weights import quantize_params  # noqa: E402
 
 # 32 query heads, 8 KV heads (Llama-3-70B's ratio) at toy width.
 RANDOM_LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_size=128,
@@ -29,12 +31,14 @@ RANDOM_LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=256, hidden_s
 
 
 def shard_shapes(array) -> list[list[int]]:
+    array = getattr(array, "values", array)           # a QuantizedWeight: its values
     if isinstance(array, tuple):          # split per layer (one device): [L] + each layer's shard
         return [[len(array)] + shape for shape in shard_shapes(array[0])]
     return [list(s.data.shape) for s in array.addressable_shards]
 
 
 def full_shape(array) -> list[int]:
+    array = getattr(array, "values", array)
     return [len(array)] + full_shape(array[0]) if isinstance(array, tuple) else list(array.shape)
 
 
@@ -45,7 +49,7 @@ def run(job: dict, size: int) -> dict:
         checkpoint = random_checkpoint({**RANDOM_LLAMA, **job.get("config", {})}, dtype="float32")
         # peaky logits, so greedy never sits on a near-tie that summation order could flip
         checkpoint.params = jax.tree.map(lambda x: x * 15.0, checkpoint.params)
-        llm = LLM.from_checkpoint(checkpoint, **kwargs)
+        llm = LLM.from_checkpoint(checkpoint, **kwargs, **job.get("llm", {}))
     else:
         llm = LLM(job["model"], dtype="float32", **kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True,
@@ -58,7 +62,9 @@ def run(job: dict, size: int) -> dict:
     # new weights (the same values, the checkpoint's layout) swap in without compiling anything
     compilations = llm.stats().num_compilations
     if job["model"] == "random":
-        llm.update_params(checkpoint.params)
+        quantization = job.get("llm", {}).get("quantization")
+        llm.update_params(checkpoint.params if quantization is None else
+                          quantize_params(checkpoint.params, quantization))
     again = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], params, use_tqdm=False)
     runner = llm.llm_engine.runner
     # NOTE: on one CPU device the layer matmul weights are per layer (tuples; weights.py)
