@@ -371,18 +371,24 @@ class LLMEngine:
     def _lora_manager(self, params) -> LoRAManager:
         from jpaged.models.weights import reads_in_place
         cfg = self.config
-        if self.parallel is not None:
-            raise ValueError("enable_lora with tensor_parallel_size > 1 is not supported yet; "
-                             "serve LoRA adapters with tensor_parallel_size=1")
+        k, run_k = self.model_config.num_kv_heads, self._run_config.num_kv_heads
+        if run_k != k:
+            raise ValueError(f"enable_lora with tensor_parallel_size={cfg.tensor_parallel_size}: "
+                             f"the model's {k} KV heads are replicated to {run_k} over the "
+                             f"devices, which LoRA's k/v layout does not follow yet; use a "
+                             f"tensor_parallel_size that divides {k}")
         if self.model_config.is_moe:
             raise ValueError("enable_lora: LoRA adapters are served on dense models only; this "
                              f"model has {self.model_config.num_experts} experts")
+        # NOTE: under tensor parallelism the slots are replicated on every device (they are small:
+        # rank x width per projection) and XLA partitions their products beside the sharded base
+        # matmuls; sharding A and B like their base weights is not done yet.
         leaf = jax.tree.leaves(params)[0]
+        device = self.parallel.replicated if self.parallel else \
+            next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else None
         return LoRAManager(self.model_config, max_loras=cfg.max_loras,
                            max_lora_rank=cfg.max_lora_rank, max_cpu_loras=cfg.max_cpu_loras,
-                           dtype=self.dtype, per_layer=reads_in_place(params),
-                           device=next(iter(leaf.devices())) if isinstance(leaf, jax.Array)
-                           else None)
+                           dtype=self.dtype, per_layer=reads_in_place(params), device=device)
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled batch; return the outputs of the requests that produced tokens in
