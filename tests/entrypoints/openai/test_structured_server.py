@@ -146,14 +146,16 @@ def test_streamed_tool_call_deltas_assemble_to_the_same_call(client, tool_choice
     assert all(c["id"] for c in calls.values()) and finish == whole.finish_reason
 
 
-def test_auto_tool_choice_answers_and_the_template_gets_the_tools(client, smollm2_hf):
+def test_auto_tool_choice_answers_and_the_template_gets_the_tools(client, smollm2_path):
     """SmolLM2 rarely writes <tool_call> blocks itself: "auto" must still answer (content or
     parsed calls); the prompt is apply_chat_template(tools=...)'s."""
     out = create(client, seed=10, tools=TOOLS, max_tokens=16)
     message = out.choices[0].message
     assert message.content or message.tool_calls
-    expected = smollm2_hf[1].apply_chat_template(CHAT, tools=TOOLS, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name)
+    expected = tokenizer.apply_chat_template(CHAT, tools=TOOLS, add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
     assert out.usage.prompt_tokens == len(expected)     # (SmolLM2's template shows no tools)
 
 
