@@ -147,8 +147,10 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]],
              sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
              use_tqdm: bool = True, chat_template: str | None = None,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to one conversation or a list of them."""
+             add_generation_prompt: bool = True, tools: list[dict] | None = None
+             ) -> list[RequestOutput]:
+        """Apply the tokenizer's chat template to one conversation or a list of them (`tools`:
+        OpenAI-style tool definitions for the template, as vLLM's LLM.chat takes them)."""
         tokenizer = self.get_tokenizer()
         if tokenizer is None:
             raise ValueError("chat() needs a tokenizer with a chat template; this checkpoint has none")
@@ -156,7 +158,7 @@ class LLM:
         prompts = []
         for conversation in conversations:
             text = tokenizer.apply_chat_template(conversation, chat_template=chat_template,
-                                                 tokenize=False,
+                                                 tokenize=False, tools=tools,
                                                  add_generation_prompt=add_generation_prompt)
             ids = tokenizer(text, add_special_tokens=False).input_ids
             prompts.append({"prompt": text, "prompt_token_ids": ids})

@@ -216,6 +216,19 @@ def test_a_schema_that_cannot_compile_names_the_field(llm):
     assert_all_pages_free(llm)
 
 
+def test_chat_gives_the_template_its_tools(llm):
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": WEATHER_ARGS}}]
+    template = "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{{ messages[0].content }}"
+    out = llm.chat([{"role": "user", "content": "Hi"}], structured(1, json=WEATHER_ARGS),
+                   tools=tools, chat_template=template, use_tqdm=False)[0]
+    assert out.prompt == "[lookup]Hi"
+    jsonschema.validate(json.loads(out.outputs[0].text), WEATHER_ARGS)
+    assert_all_pages_free(llm)
+
+
+WEATHER_ARGS = _obj({"city": _STR, "days": {"type": "integer", "minimum": 1, "maximum": 7}})
+
+
 def test_matcher_accepts_rolls_back_and_stops(llm):
     """What speculative decoding needs: validate proposals without consuming, roll back the
     rejected ones, and the bitmask follows the state."""
