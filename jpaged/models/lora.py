@@ -23,12 +23,11 @@ loading, evicting or updating adapters never recompiles.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from jpaged.models.weights import LayerWeights
 
 
 @dataclasses.dataclass
@@ -38,14 +37,29 @@ class LoRABatch:
 
     def delta(self, layer, group: str, name: str, x):
         """The LoRA delta of base matmul (group, name) for x [T, In], shaped like its output;
-        None for a matmul without LoRA (MoE experts, routers)."""
+        None for a matmul without LoRA (MoE experts, routers). Per layer, one `lax.switch` over
+        the layers runs the whole delta with that layer's buffers, read in place."""
         fn = _DELTAS.get((group, name))
         if fn is None:
             return None
         num_slots = _num_slots(self.weights)
         mask = (self.token_slots[:, None] == jnp.arange(1, num_slots + 1)).astype(x.dtype)
-        w = LayerWeights({"lora": self.weights}, layer)
-        return fn(lambda spec, h, leaf: w.matmul(spec, h, "lora", leaf), x, mask)
+        leaves = {leaf: self.weights[leaf] for leaf in _LEAVES[(group, name)]}
+        if not isinstance(leaves[next(iter(leaves))], tuple):
+            return fn(_einsum({k: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False)
+                               for k, w in leaves.items()}), x, mask)
+        num_layers = len(leaves[next(iter(leaves))])
+        branches = [functools.partial(_delta_at, fn, i) for i in range(num_layers)]
+        return jax.lax.switch(layer, branches, x, mask, leaves)
+
+
+def _delta_at(fn, layer: int, x, mask, leaves):
+    return fn(_einsum({k: w[layer] for k, w in leaves.items()}), x, mask)
+
+
+def _einsum(weights: dict):
+    """mm(spec, h, leaf) = einsum(spec, h, weights[leaf])."""
+    return lambda spec, h, leaf: jnp.einsum(spec, h, weights[leaf])
 
 
 jax.tree_util.register_dataclass(LoRABatch, data_fields=["weights", "token_slots"],
@@ -75,6 +89,9 @@ def _single(a: str, b: str):
 
 _DELTAS = {("attn", "wqkv"): _qkv, ("attn", "wo"): _single("o_a", "o_b"),
            ("mlp", "w_gate_up"): _gate_up, ("mlp", "w_down"): _single("down_a", "down_b")}
+_LEAVES = {("attn", "wqkv"): ("qkv_a", "q_b", "k_b", "v_b"), ("attn", "wo"): ("o_a", "o_b"),
+           ("mlp", "w_gate_up"): ("gate_up_a", "gate_b", "up_b"),
+           ("mlp", "w_down"): ("down_a", "down_b")}
 
 
 def _num_slots(weights) -> int:
