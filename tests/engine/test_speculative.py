@@ -154,7 +154,7 @@ def layer_skip(k: int) -> dict:
 
 
 @pytest.mark.parametrize("spec, prompts", [
-    (ngram(1), [0, 2]), (ngram(3), [0, 1, 2, 3]), (ngram(5), [3, 2]),
+    (ngram(1), [3, 0, 2]), (ngram(3), [0, 1, 2, 3]), (ngram(5), [3, 2]),
     (layer_skip(1), [1, 2]), (layer_skip(3), [0, 1, 2, 3]), (layer_skip(5), [3, 2]),
     ("draft_model", [0, 1, 2])],
     ids=["ngram1", "ngram3", "ngram5", "layer_skip1", "layer_skip3", "layer_skip5",
