@@ -241,6 +241,7 @@ class _ChatChoices:
         self.serving, self.request, self.firsts = serving, request, firsts
         self.tools = tools                # ToolCallStream's arguments when tool calls are parsed
         self.tool_streams: dict[int, ToolCallStream] = {}
+        self.held_logprobs: dict[int, list] = {}   # per choice, of text not sent yet
         self.role, self.echo = role, echo
         self.num_prompt_tokens = len(prompt["prompt_token_ids"])
         self.id, self.created = request_id, int(time.time())
@@ -350,10 +351,13 @@ class _ChatChoices:
                     if not output.text and not output.token_ids and output.finish_reason is None:
                         continue
                     index = self.firsts[k] + output.index
-                    delta = self.delta(index, output)
+                    delta, step = self.delta(index, output), self.logprobs(output)
+                    if step is not None:      # a held-back tool call's tokens: sent with it
+                        step = self.held_logprobs.pop(index, []) + step
                     if delta is None:
                         continue
-                    step = self.logprobs(output)
+                        if step is not None:
+                            self.held_logprobs[index] = step
                     called = index in self.tool_streams and self.tool_streams[index].called
                     yield self.chunk(ChatCompletionResponseStreamChoice(
                         index=index, delta=delta,

@@ -129,13 +129,15 @@ def test_tool_choice_required_and_named(client):
 @pytest.mark.parametrize("tool_choice", ["required",
                                          {"type": "function", "function": {"name": "get_time"}}])
 def test_streamed_tool_call_deltas_assemble_to_the_same_call(client, tool_choice):
-    kwargs = dict(seed=9, tools=TOOLS, tool_choice=tool_choice, parallel_tool_calls=False)
+    kwargs = dict(seed=9, tools=TOOLS, tool_choice=tool_choice, parallel_tool_calls=False,
+                  logprobs=True)
     whole = create(client, **kwargs).choices[0]
     calls: dict[int, dict] = {}
-    finish = None
+    finish, logprobs = None, []
     for chunk in create(client, stream=True, **kwargs):
         for choice in chunk.choices:
             finish = choice.finish_reason or finish
+            logprobs += choice.logprobs.content if choice.logprobs else []
             for delta in choice.delta.tool_calls or ():
                 call = calls.setdefault(delta.index, {"name": "", "arguments": ""})
                 call["id"] = delta.id or call.get("id")
@@ -144,6 +146,8 @@ def test_streamed_tool_call_deltas_assemble_to_the_same_call(client, tool_choice
     assert [(c["name"], c["arguments"]) for _, c in sorted(calls.items())] == \
         [(c.function.name, c.function.arguments) for c in whole.message.tool_calls]
     assert all(c["id"] for c in calls.values()) and finish == whole.finish_reason
+    # every token's log-prob arrives, also those of text held back until its call was complete
+    assert [lp.token for lp in logprobs] == [lp.token for lp in whole.logprobs.content]
 
 
 def test_auto_tool_choice_answers_and_the_template_gets_the_tools(client, smollm2_path):
