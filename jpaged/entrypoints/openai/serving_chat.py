@@ -245,6 +245,7 @@ class _ChatChoices:
         self.role, self.echo = role, echo
         self.num_prompt_tokens = len(prompt["prompt_token_ids"])
         self.id, self.created = request_id, int(time.time())
+        self.model_name = serving.response_model(request.model)   # an adapter's name (vLLM's)
         self.num_completion_tokens = 0
         self.prompt_logprobs = None
 
@@ -302,7 +303,7 @@ class _ChatChoices:
                 logprobs=ChatCompletionLogProbs(content=logprobs[i]) if i in logprobs else None,
                 finish_reason=self.finish_reason(reason, called), stop_reason=stop_reason))
         return ChatCompletionResponse(id=self.id, created=self.created,
-                                      model=self.serving.model_name, choices=choices,
+                                      model=self.model_name, choices=choices,
                                       usage=self.usage(), prompt_logprobs=self.prompt_logprobs)
 
     def message(self, text: str) -> tuple[ChatResponseMessage, bool]:
@@ -338,7 +339,7 @@ class _ChatChoices:
 
     def chunk(self, choice: ChatCompletionResponseStreamChoice) -> str:
         return sse(ChatCompletionStreamResponse(id=self.id, created=self.created,
-                                                model=self.serving.model_name, choices=[choice]))
+                                                model=self.model_name, choices=[choice]))
 
     async def stream(self, outputs) -> AsyncIterator[str]:
         try:
@@ -373,6 +374,6 @@ class _ChatChoices:
             await outputs.aclose()
         if self.request.stream_options and self.request.stream_options.include_usage:
             yield sse(ChatCompletionStreamResponse(id=self.id, created=self.created,
-                                                   model=self.serving.model_name, choices=[],
+                                                   model=self.model_name, choices=[],
                                                    usage=self.usage()))
         yield SSE_DONE

@@ -178,6 +178,7 @@ class _Choices:
                  prompts: list[dict], parts: list[_Part], request_id: str, echo_only: bool):
         self.serving, self.request, self.prompts, self.parts = serving, request, prompts, parts
         self.id, self.created = request_id, int(time.time())
+        self.model_name = serving.response_model(request.model)   # an adapter's name (vLLM's)
         self.echo_only = echo_only
         self.num_completion_tokens = 0
         self.text_offsets: dict[int, int] = {}
@@ -276,7 +277,7 @@ class _Choices:
             stop_reason=finish.get(i, (None, None))[1],
             prompt_logprobs=self.prompt_logprobs_of(engine_request[i])) for i in sorted(texts)]
         return CompletionResponse(id=self.id, created=self.created,
-                                  model=self.serving.model_name, choices=choices,
+                                  model=self.model_name, choices=choices,
                                   usage=self.usage())
 
     async def stream(self, outputs) -> AsyncIterator[str]:
@@ -293,7 +294,7 @@ class _Choices:
                     if not text and not token_ids and output.finish_reason is None:
                         continue
                     chunk = CompletionStreamResponse(
-                        id=self.id, created=self.created, model=self.serving.model_name,
+                        id=self.id, created=self.created, model=self.model_name,
                         choices=[CompletionResponseStreamChoice(
                             index=index, text=text,
                             logprobs=self.logprobs(index, token_ids, entries),
@@ -308,6 +309,6 @@ class _Choices:
             await outputs.aclose()
         if self.request.stream_options and self.request.stream_options.include_usage:
             yield sse(CompletionStreamResponse(id=self.id, created=self.created,
-                                               model=self.serving.model_name, choices=[],
+                                               model=self.model_name, choices=[],
                                                usage=self.usage()))
         yield SSE_DONE

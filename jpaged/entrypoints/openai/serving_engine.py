@@ -125,6 +125,10 @@ class OpenAIServing:
                               f"{self.served_model_names + list(self.lora_modules)}.",
                               HTTPStatus.NOT_FOUND, "model")
 
+    def response_model(self, model: str | None) -> str:
+        """The `model` a response names: the adapter's for a LoRA request, else the served one."""
+        return model if model in self.lora_modules else self.model_name
+
     def lora_request(self, model: str | None) -> LoRARequest | None:
         """The LoRA adapter a request's `model` names (None: the base model)."""
         return self.lora_modules.get(model) if model is not None else None

@@ -79,11 +79,15 @@ def complete(client, model):
     out = client.completions.create(model=model, prompt=PROMPT, max_tokens=MAX_TOKENS,
                                     temperature=0.0, extra_body={"min_tokens": MAX_TOKENS,
                                                                  "ignore_eos": True})
+    assert out.model == model                  # the adapter's name for a LoRA request (vLLM's)
     return out.choices[0].text
 
 
 def test_model_field_selects_adapter_and_models_lists_it(server, client, adapters):
     assert complete(client, "qv") == adapters["qv"][1]
+    chat = client.chat.completions.create(model="qv", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=2, temperature=0.0)
+    assert chat.model == "qv"
     assert complete(client, MODEL) == adapters[None][1] != adapters["qv"][1]
     cards = {m.id: m for m in client.models.list().data}
     assert set(cards) == {MODEL, "qv"}
