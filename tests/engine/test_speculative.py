@@ -290,3 +290,31 @@ def test_serve_flag_and_metrics():
     assert 'jpaged:spec_decode_num_accepted_tokens_total{model_name="m"} 8.0' in text
     assert 'jpaged:spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="0"} 5.0' \
         in text
+
+
+# ---- swaps, copy-on-write and the prefix cache with a mirrored draft pool (tiny model) --------
+def test_draft_model_pool_follows_swaps_forks_and_prefix_cache(tiny_llama_dir):
+    """The tiny Llama drafting for itself: every proposal is accepted only if the draft's own
+    pages follow the target's through swap-out/in, n > 1 forks (copy-on-write) and prefix-cache
+    hits; the tokens equal the plain engine's; every page free."""
+    engine = dict(page_size=4, max_model_len=100, max_num_seqs=4, max_num_batched_tokens=128)
+    spec = {"method": "draft_model", "model": str(tiny_llama_dir), "num_speculative_tokens": 3}
+    llm = LLM(str(tiny_llama_dir), num_pages=26, preemption_mode="swap", swap_space=0.01,
+              speculative_config=spec, **engine)
+    plain = LLM(str(tiny_llama_dir), num_pages=200, **engine)
+    rng = np.random.default_rng(0)
+    shared = rng.integers(2, 512, size=12).tolist()
+    prompts = [{"prompt_token_ids": shared + rng.integers(2, 512, size=int(n)).tolist()}
+               for n in (5, 9, 14, 3)]
+    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, n=n)
+              for n in (1, 2, 1, 1)]
+    first = token_ids(llm.generate(prompts[:1], params[:1], use_tqdm=False))  # caches the prefix
+    got = token_ids(llm.generate(prompts, params, use_tqdm=False))
+    assert got == token_ids(plain.generate(prompts, params, use_tqdm=False))
+    assert first == got[:1]
+    stats = llm.stats()
+    assert stats.preemptions_swap > 0 and stats.swapped_out_pages == stats.swapped_in_pages > 0
+    assert stats.prefix_cache_hits > 0
+    assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens > 0
+    assert_all_pages_free(llm)
+    assert_all_pages_free(plain)
