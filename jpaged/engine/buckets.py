@@ -20,6 +20,8 @@ at once in a compiled bucket at most ~4-8x its size while its own compiles in th
   - decode: B in {1, 8, 64, ...} up to max_num_seqs (x8 apart) x P every 4x down from the widest;
   - prefill of one request: T every 4x down from the longest prompt's bucket;
   - mixed: the largest batch bucket at T every 4x down from max_num_batched_tokens, full width.
+With speculative decoding (k proposals) both plans add, for each decode B x P they hold, a batch
+of B decodes that each verify k proposals (T = B(k + 1), logits at k + 1 positions per row).
 """
 
 from __future__ import annotations
@@ -48,20 +50,24 @@ class WarmupStep:
     """A fake batch that lands in one bucket: `num_seqs` sequences with `num_pages`-page block
     tables (every entry the null page, which absorbs their KV writes) bringing `num_tokens` new
     tokens in all."""
-    kind: Literal["decode", "prefill", "mixed"]
+    kind: Literal["decode", "prefill", "mixed", "speculative"]
     num_seqs: int
     num_tokens: int
     num_pages: int
 
     def rows(self, page_size: int, params: SamplingParams) -> list[ScheduledSeq]:
         """The batch as scheduled rows ("mixed": the tokens spread over the sequences, so at
-        least one brings a chunk of several)."""
+        least one brings a chunk of several; "speculative": each row a decode with the rest of
+        its tokens as proposals)."""
         def row(i: int, new: int) -> ScheduledSeq:
             context = self.num_pages * page_size if self.kind != "prefill" else new
+            spec = new - 1 if self.kind == "speculative" else 0
             return ScheduledSeq(seq_id=-1 - i, request_id=f"warmup-{i}",
                                 num_computed_tokens=context - new, num_new_tokens=new,
-                                token_ids=[0] * context, num_prompt_tokens=context - 1,
-                                block_table=(0,) * self.num_pages, params=params, seed=0)
+                                token_ids=[0] * (context - spec),
+                                num_prompt_tokens=context - spec - 1,
+                                block_table=(0,) * self.num_pages, params=params, seed=0,
+                                num_spec_tokens=spec, spec_token_ids=(0,) * spec)
         base, extra = divmod(self.num_tokens, self.num_seqs)
         return [row(i, base + (i < extra)) for i in range(self.num_seqs)]
 
@@ -140,7 +146,7 @@ class BucketPolicy:
             tokens = [t for t in self.tokens if t > batch and t & (t - 1) == 0]
             plan += [WarmupStep("mixed", batch, t, p) for p in widths
                      for t in tokens + [self.tokens[-1]] if -(-t // batch) <= p * size]
-        return list(dict.fromkeys(plan))
+        return list(dict.fromkeys(plan + self._speculative_plan(self.seqs, pages)))
 
     def _coarse_plan(self) -> list[WarmupStep]:
         """The "auto" plan: a coarse grid of stand-ins (see the module docstring)."""
@@ -157,4 +163,13 @@ class BucketPolicy:
             mixed = [t for t in self.tokens if t > batch]
             plan += [WarmupStep("mixed", batch, t, widest) for t in thinned(mixed, 4)
                      if -(-t // batch) <= widest * size] if mixed else []
-        return list(dict.fromkeys(plan))
+        return list(dict.fromkeys(plan + self._speculative_plan(thinned(self.seqs, 8), pages)))
+
+    def _speculative_plan(self, seqs: list[int], pages: list[int]) -> list[WarmupStep]:
+        """With speculative decoding: B decodes that each verify k proposals, for every B and P
+        of the decode grid (last: the samplers are warmed by the plain decodes of the same B)."""
+        width = 1 + self.num_speculative_tokens
+        if width == 1:
+            return []
+        return [WarmupStep("speculative", b, b * width, p) for p in pages for b in seqs
+                if b * width <= self.max_num_batched_tokens and width <= p * self.page_size]

@@ -318,3 +318,25 @@ def test_draft_model_pool_follows_swaps_forks_and_prefix_cache(tiny_llama_dir):
     assert stats.spec_decode_num_accepted_tokens == stats.spec_decode_num_draft_tokens > 0
     assert_all_pages_free(llm)
     assert_all_pages_free(plain)
+
+
+def test_warm_up_compiles_the_speculative_buckets(tiny_llama_dir):
+    """The server's warm-up plan (auto) holds a speculative decode bucket for every decode B x P
+    it compiles, and warm-up compiles them (so a server's first speculative steps find a compiled
+    bucket or stand-in of their width); generation runs on after it."""
+    llm = LLM(str(tiny_llama_dir), page_size=4, num_pages=64, max_model_len=64, max_num_seqs=2,
+              max_num_batched_tokens=64, speculative_config=ngram(3))
+    engine = llm.llm_engine
+    plan = engine.runner.buckets.warmup_plan("auto")
+    decode = {(e.num_seqs, e.num_pages) for e in plan if e.kind == "decode"}
+    assert {(e.num_seqs, e.num_pages) for e in plan if e.kind == "speculative"} == decode
+    engine.warm_up(plan)
+    compiled = {(k.num_seqs, k.num_pages) for k in engine.runner.compiled_steps()
+                if k.spec_width == 4}
+    assert len(compiled) == len(decode)          # one speculative bucket per decode B x P
+    prompt = {"prompt_token_ids": [5, 6, 7, 8, 5, 6, 7, 8, 5, 6]}
+    out = llm.generate([prompt] * 2, SamplingParams(temperature=0, max_tokens=12,
+                                                    ignore_eos=True), use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [12, 12]
+    assert llm.stats().spec_decode_num_drafts > 0
+    assert_all_pages_free(llm)
