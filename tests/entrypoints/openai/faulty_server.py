@@ -21,11 +21,11 @@ _marked: set[str] = set()          # request ids whose prompt holds the marker
 _add_request, _execute = LLMEngine.add_request, ModelRunner.execute
 
 
-def add_request(self, request_id, prompt, params=None):
+def add_request(self, request_id, prompt, params=None, **kwargs):
     text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
     if isinstance(text, str) and MARKER in text:
         _marked.add(request_id)
-    return _add_request(self, request_id, prompt, params)
+    return _add_request(self, request_id, prompt, params, **kwargs)
 
 
 def execute(self, out):
