@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import numbers
 
 class RequestOutputKind(enum.Enum):
@@ -50,6 +51,9 @@ _TYPES = {
     "output_kind": (lambda x: isinstance(x, RequestOutputKind), "a RequestOutputKind"),
     "structured_outputs": (lambda x: x is None or isinstance(x, StructuredOutputsParams),
                            "a StructuredOutputsParams or None"),
+    "logit_bias": (lambda x: x is None or (isinstance(x, dict) and all(
+        _is_int(t) and _is_number(b) for t, b in x.items())),
+                   "a dict of token id (int) -> bias (number), or None"),
 }
 
 
@@ -136,6 +140,9 @@ class SamplingParams:
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # vLLM's name: constrain the output to a JSON schema, regex, choice or grammar
     structured_outputs: StructuredOutputsParams | None = None
+    # token id -> a number added to its logit before penalties, bans and sampling (vLLM's and
+    # OpenAI's logit_bias; the returned log-probs stay the model's own, as vLLM's)
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self):
         self._check_types()
@@ -149,6 +156,8 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 setattr(self, name, int(getattr(self, name)))
         self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if self.logit_bias is not None:
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()} or None
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -205,6 +214,9 @@ class SamplingParams:
              f"stop must be non-empty strings, got {self.stop!r}"),
             (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
              f"stop_token_ids must be non-negative ints, got {self.stop_token_ids!r}"),
+            (all(t >= 0 and math.isfinite(b) for t, b in (self.logit_bias or {}).items()),
+             f"logit_bias must map non-negative token ids to finite numbers, got "
+             f"{self.logit_bias!r}"),
         ]
         for ok, message in checks:
             if not ok:

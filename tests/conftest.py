@@ -21,9 +21,14 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_opti
 # instead of once per engine (JAX still reports a hit as a backend compilation, so
 # `backend_compiles` counts are unchanged), and the model cache, so the SmolLM2 GGUF is dequantized
 # once per session. The converter's tests turn the model cache off (tests/checkpoint), and the
-# tests of the caches themselves pass their own directories.
-_CACHE = tempfile.mkdtemp(prefix="jpaged-test-cache-")
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# tests of the caches themselves pass their own directories. Under pytest-xdist the workers inherit
+# the controller's environment and share its directory (both caches are safe for concurrent
+# processes: atomic renames), so a bucket or a conversion one worker made serves the other; only
+# the process that made the directory removes it.
+if "JPAGED_TEST_CACHE_DIR" not in os.environ:
+    os.environ["JPAGED_TEST_CACHE_DIR"] = tempfile.mkdtemp(prefix="jpaged-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JPAGED_TEST_CACHE_DIR"], ignore_errors=True)
+_CACHE = os.environ["JPAGED_TEST_CACHE_DIR"]
 os.environ["JPAGED_COMPILATION_CACHE_DIR"] = os.path.join(_CACHE, "xla")
 os.environ["JPAGED_MODEL_CACHE_DIR"] = os.path.join(_CACHE, "models")
 

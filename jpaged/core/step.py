@@ -36,14 +36,14 @@ class ScheduledSeq:
     block_table: tuple[int, ...]  # page ids covering every token computed so far and now
     params: SamplingParams
     seed: int                    # per-sequence sampling seed
+    # its LoRA adapter's device slot (0: none; core/lora_slots.py)
+    lora_slot: int = dataclasses.field(default=0, kw_only=True)
     # its GrammarMatcher when it has structured outputs (the runner reads its next-token bitmask)
     grammar: object | None = dataclasses.field(default=None, kw_only=True)
     # speculative decoding: the last num_spec_tokens of the num_new_tokens are proposals that
     # follow the sequence's last token (spec_token_ids; empty until a draft model fills them)
     num_spec_tokens: int = 0
     spec_token_ids: tuple[int, ...] = ()
-    # its LoRA adapter's device slot (0: none; core/lora_slots.py)
-    lora_slot: int = dataclasses.field(default=0, kw_only=True)
     # this step computes the sequence's last token, so its sample is kept (False for a chunk of
     # a prompt that goes on in the next step)
     samples: bool = dataclasses.field(init=False)

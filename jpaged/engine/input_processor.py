@@ -70,6 +70,11 @@ class InputProcessor:
             raise ValueError(f"SamplingParams: stop_token_ids {params.stop_token_ids} has ids outside "
                              f"the vocabulary (vocab size {self.vocab_size}); give ids below "
                              f"{self.vocab_size}")
+        bad = [t for t in params.logit_bias or () if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams: logit_bias has token id {bad[0]} outside the "
+                             f"vocabulary (vocab size {self.vocab_size}); give ids below "
+                             f"{self.vocab_size}")
         return params
 
     def beam_search(self, search: BeamSearch) -> BeamSearch:

@@ -38,6 +38,9 @@ class SamplingTensors:
     # [B, ceil(V/32)] int32: bit t % 32 of word t // 32 allows token t (structured outputs; all
     # ones for free rows; [B, 0] when no row is constrained, None outside the engine)
     bitmask: jax.Array | None = None
+    # [B, V] float32 added to the logits (logit_bias; [B, 0] when no row has one, None outside
+    # the engine)
+    bias: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
@@ -54,6 +57,7 @@ class SamplerFlags:
     use_bans: bool           # some row is under min_tokens with ids to ban
     logprobs: bool           # any sequence asked for logprobs: return them (top MAX_LOGPROBS too)
     use_bitmask: bool = False  # some row has structured outputs: apply the token bitmask
+    use_bias: bool = False     # some row has a logit_bias
 
 
 def build_sampling_tensors(rows: list[ScheduledSeq], num_rows: int, vocab_size: int,
@@ -71,7 +75,8 @@ def build_sampling_tensors(rows: list[ScheduledSeq], num_rows: int, vocab_size: 
                          use_penalties=any(p.uses_penalties for p in params),
                          use_bans=any(banned),
                          logprobs=any(p.logprobs is not None for p in params),
-                         use_bitmask=any(p.structured_outputs is not None for p in params))
+                         use_bitmask=any(p.structured_outputs is not None for p in params),
+                         use_bias=any(p.logit_bias for p in params))
 
     def column(values, dtype, fill):
         out = np.full(num_rows, fill, dtype)
@@ -84,6 +89,10 @@ def build_sampling_tensors(rows: list[ScheduledSeq], num_rows: int, vocab_size: 
         if flags.use_penalties and r.params.uses_penalties:
             token_ids[i, :len(r.token_ids)] = r.token_ids
         mask[i, [t for t in banned[i] if t < vocab_size]] = True
+    bias = np.zeros((num_rows, vocab_size if flags.use_bias else 0), np.float32)
+    for i, p in enumerate(params):
+        for token, value in (p.logit_bias or {}).items():
+            bias[i, token] = value
     # NOTE: the runner calls this after dispatching the step, so the grammar masks are computed
     # on the host while the device runs the model.
     bitmask = np.full((num_rows, bitmask_width(vocab_size) if flags.use_bitmask else 0), -1,
@@ -104,6 +113,7 @@ def build_sampling_tensors(rows: list[ScheduledSeq], num_rows: int, vocab_size: 
         prompt_lens=column([r.num_prompt_tokens for r in rows], np.int32, 0),
         banned=mask,
         bitmask=bitmask,
+        bias=bias,
     )
     return tensors, flags
 
@@ -127,6 +137,8 @@ def sample(logits, t: SamplingTensors, *, flags: SamplerFlags):
     raw = logits
     if flags.use_bitmask:
         logits = _apply_bitmask(logits, t.bitmask)
+    if flags.use_bias:                     # vLLM: logit bias before penalties and sampling
+        logits = logits + t.bias
     if flags.use_penalties:
         logits = _apply_penalties(logits, t)
     if flags.use_bans:

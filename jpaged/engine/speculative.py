@@ -79,6 +79,8 @@ def verify(logits, t: SamplingTensors, draft, num_draft, *, flags: SamplerFlags,
     raw = logits
     if getattr(flags, "use_bitmask", False):    # structured outputs (#21) rows beside ours
         logits = sampler._apply_bitmask(logits, t.bitmask)
+    if flags.use_bias:                          # logit_bias, as in sampler.sample
+        logits = logits + t.bias
     if flags.use_penalties:
         logits = _apply_penalties(logits, t)
     if flags.use_bans:

@@ -120,6 +120,20 @@ def test_min_tokens_bans_eos_and_stop_ids():
     assert run(row, [make_seq(p, output=(7, 7))])[0][0] == 0
 
 
+def test_logit_bias_moves_only_its_own_row(logits):
+    """vLLM's logit_bias: added to the logits before sampling (+100 forces a token, -100 bans
+    the argmax) in its row only; the returned log-probs are the model's own."""
+    target, top = 7, int(logits[1].argmax())
+    seqs = [make_seq(SamplingParams(temperature=0, logprobs=0, logit_bias={target: 100.0})),
+            make_seq(SamplingParams(temperature=0, logprobs=0, logit_bias={top: -100.0})),
+            make_seq(SamplingParams(temperature=0, logprobs=0)),
+            make_seq(SamplingParams(temperature=1.0, logit_bias={target: 100.0}), seed=3)]
+    tokens, lp, _, _ = run(logits, seqs)
+    second = np.argsort(logits[1])[-2]
+    assert tokens.tolist() == [target, second, int(logits[2].argmax()), target]
+    np.testing.assert_allclose(lp[0], jax.nn.log_softmax(logits[0])[target], rtol=1e-5)
+
+
 def test_min_tokens_bans_eos_even_with_ignore_eos():
     """vLLM always adds the model's EOS to the ids banned under min_tokens."""
     row = np.zeros((2, V), np.float32)
@@ -174,6 +188,8 @@ def test_logprobs_top_k(logits):
     (dict(stop_token_ids=[1, "2"]), r"stop_token_ids must be a list of ints or None"),
     (dict(logprobs=1.5), r"logprobs must be an int or None, got 1.5 \(float\)"),
     (dict(top_k=None), r"top_k must be an int, got None \(NoneType\)"),
+    (dict(logit_bias={"a": 1.0}), r"logit_bias must be a dict of token id \(int\) -> bias"),
+    (dict(logit_bias={5: float("inf")}), r"logit_bias must map non-negative token ids to finite"),
 ])
 def test_bad_sampling_params_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -92,7 +92,7 @@ class _SamplingFields(OpenAIBaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None                     # accepted and ignored, as in vLLM
-    logit_bias: dict[str, float] | None = None  # refused until the sampler has it
+    logit_bias: dict[str, float] | None = None  # token id (a string) -> bias in [-100, 100]
     response_format: ResponseFormat | None = None
     # vLLM's extra sampling parameters
     top_k: StrictInt | None = None

@@ -356,9 +356,9 @@ class _ChatChoices:
                     if step is not None:      # a held-back tool call's tokens: sent with it
                         step = self.held_logprobs.pop(index, []) + step
                     if delta is None:
-                        continue
                         if step is not None:
                             self.held_logprobs[index] = step
+                        continue
                     called = index in self.tool_streams and self.tool_streams[index].called
                     yield self.chunk(ChatCompletionResponseStreamChoice(
                         index=index, delta=delta,

@@ -39,7 +39,6 @@ UNSUPPORTED_FIELDS = {
     "use_beam_search": (False, "beam search runs offline only (LLM.beam_search)"),
     "allowed_token_ids": (None, "the sampler has no token allow-list yet"),
     "bad_words": ([], "the sampler has no banned words yet"),
-    "logit_bias": (None, "the sampler has no logit bias yet"),
     **{f"guided_{kind}": (None, f"vLLM 0.12 replaced it: send structured_outputs: "
                                 f"{{\"{kind}\": ...}}") for kind in ("json", "regex", "choice",
                                                                       "grammar")},
@@ -197,10 +196,6 @@ class OpenAIServing:
             if name in UNSUPPORTED_FIELDS and value not in (None, UNSUPPORTED_FIELDS[name][0]):
                 raise OpenAIError(f"{name} is not supported by jpaged ({UNSUPPORTED_FIELDS[name][1]}"
                                   f"); leave it out", param=name)
-        if request.logit_bias:
-            raise OpenAIError(f"logit_bias is not supported by jpaged "
-                              f"({UNSUPPORTED_FIELDS['logit_bias'][1]}); leave it out",
-                              param="logit_bias")
         if request.stream_options is not None and not request.stream:
             raise OpenAIError("Stream options can only be defined when `stream=True`.",
                               param="stream_options")
@@ -232,10 +227,29 @@ class OpenAIServing:
             raise OpenAIError(f"stop_token_ids has id {bad[0]}, outside the vocabulary (vocab size "
                               f"{self.vocab_size}); give ids in [0, {self.vocab_size})",
                               param="stop_token_ids")
+        if request.logit_bias:
+            fields["logit_bias"] = self.logit_bias(request.logit_bias)
         structured = self.structured_outputs(request, tool_constraint)
         return make_sampling_params(max_tokens=max_tokens, logprobs=logprobs,
                                     output_kind=output_kind, structured_outputs=structured,
                                     **fields)
+
+    def logit_bias(self, given: dict[str, float]) -> dict[int, float]:
+        """OpenAI's logit_bias (token id strings -> bias) as vLLM reads it: ids as ints inside
+        the vocabulary, each bias clamped to [-100, 100]; a 400 naming logit_bias otherwise."""
+        out = {}
+        for key, bias in given.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise OpenAIError(f"logit_bias has key {key!r}, which is not a token id; give "
+                                  f"token ids as strings of integers", param="logit_bias") from None
+            if not 0 <= token < self.vocab_size or not math.isfinite(bias):
+                raise OpenAIError(f"logit_bias has {key!r}: {bias!r}; token ids must be in [0, "
+                                  f"{self.vocab_size}) and biases finite numbers",
+                                  param="logit_bias")
+            out[token] = min(100.0, max(-100.0, float(bias)))
+        return out
 
     def compiled_structured_outputs(self, fields) -> StructuredOutputsParams:
         """/generate's `structured_outputs` dict as compiled params (a 400 naming the field)."""

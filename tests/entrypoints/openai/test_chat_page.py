@@ -115,8 +115,9 @@ def test_page_loads_without_the_key_and_its_api_calls_need_it(server, browser):
     page.wait_for_selector("#m-pages:text('0 / 63')")             # the live panel reads /metrics
     assert page.locator("#model option").all_text_contents() == [MODEL]
     assert "Bearer wrong-key" in api_calls and api_calls[-1] == f"Bearer {API_KEY}"
-    # only what the server has: no adapter choice, no JSON-schema box
-    assert page.is_hidden("#adapter-field") and page.is_hidden("#schema-field")
+    # only what the server has: no adapter choice (no --lora-modules), the JSON-schema box
+    # (structured outputs are always on)
+    assert page.is_hidden("#adapter-field") and page.is_visible("#schema-field")
     assert "LoRA adaptersnone" in page.text_content("#server-info")
     page.reload()                                                 # asked once per tab
     page.wait_for_selector(f"#model option[value={MODEL}]", state="attached")

@@ -52,7 +52,8 @@ def offline(smollm2_path):
     return {"chat": {q: o.outputs[0].text for q, o in zip(QUESTIONS, chats)},
             "text": {p: o.outputs[0].text for p, o in zip(PROMPTS, texts)},
             "chat_ids": {q: o.outputs[0].token_ids for q, o in zip(QUESTIONS, chats)},
-            "text_ids": {p: o.outputs[0].token_ids for p, o in zip(PROMPTS, texts)}}
+            "text_ids": {p: o.outputs[0].token_ids for p, o in zip(PROMPTS, texts)},
+            "tokenizer": llm.llm_engine.tokenizer}
 
 
 @pytest.fixture
@@ -86,6 +87,21 @@ def test_completion_greedy_equals_offline(client, offline):
         [offline["text"][p] for p in PROMPTS]
     assert out.usage.completion_tokens == sum(len(offline["text_ids"][p]) for p in PROMPTS)
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_logit_bias_moves_the_greedy_choice(client, offline):
+    """OpenAI's logit_bias as vLLM applies it: +100 on a token makes greedy pick it every step,
+    -100 on the offline answer's first token removes it; log-probs stay the model's own."""
+    prompt = PROMPTS[0]
+    forced = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, temperature=0.0,
+                                       logit_bias={"1000": 100}, logprobs=1)
+    assert forced.choices[0].text == offline["tokenizer"].decode([1000] * 3)
+    assert max(forced.choices[0].logprobs.token_logprobs) < -1.0      # not the biased logits
+    first = offline["text_ids"][prompt][0]
+    banned = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0.0,
+                                       logit_bias={str(first): -100})
+    unbiased = offline["tokenizer"].decode([first])
+    assert banned.choices[0].text and banned.choices[0].text != unbiased
 
 
 def test_chat_greedy_and_stream_equal_offline(client, offline):
@@ -314,7 +330,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "Hi", "stream": "yes"}, 400, "valid boolean", "stream"),
     ("/v1/completions", {"prompt": "Hi", "min_tokens": 9, "max_tokens": 4}, 400,
      "min_tokens (9) must be <= max_tokens (4)", "min_tokens"),
-    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"1": 5}}, 400, "not supported",
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"99999999": 5}}, 400,
+     "token ids must be in [0, ", "logit_bias"),
+    ("/v1/completions", {"prompt": "Hi", "logit_bias": {"one": 5}}, 400, "not a token id",
      "logit_bias"),
     ("/v1/completions", {"prompt": "Hi", "stream_options": {"include_usage": True}}, 400,
      "only be defined when `stream=True`", "stream_options"),
