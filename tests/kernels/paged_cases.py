@@ -70,6 +70,20 @@ def quantize_cache(pages, kv_dtype):
     return jnp.asarray(q.astype(np.float32), kv_dtype), jnp.asarray(scale, jnp.float16)
 
 
+def quantized_inputs(k, v, kv_dtype, kwargs: dict, fp8_as_bits: bool = True):
+    """A case's float pages as a quantized cache: (k, v for the kernel, k, v for the oracle). The
+    oracle sees the exact values the quantized pages hold; the scales go into `kwargs`, and
+    float8 pages become their uint8 bit patterns (with `fp8_dtype`) as the engine stores them."""
+    from dense_oracle import dequantized_pages
+    from jpaged_kernels.reference import as_bits
+    (k, k_scale), (v, v_scale) = quantize_cache(k, kv_dtype), quantize_cache(v, kv_dtype)
+    kwargs.update(k_scale=k_scale, v_scale=v_scale)
+    oracle_k, oracle_v = dequantized_pages(k, k_scale), dequantized_pages(v, v_scale)
+    if fp8_as_bits and kv_dtype != jnp.int8:
+        k, v, kwargs["fp8_dtype"] = as_bits(k), as_bits(v), kv_dtype
+    return k, v, oracle_k, oracle_v
+
+
 def random_sinks(rng, num_heads):
     """[N] float32 attention sinks on the scale of the scores (some dominate, some vanish)."""
     return jnp.asarray(2.0 * rng.standard_normal(num_heads), jnp.float32)

@@ -13,8 +13,8 @@ from jpaged_kernels import paged_attention, ragged_paged_attention, reference
 from jpaged_kernels.triton_ragged_paged_attention import work_items
 from jpaged_kernels.reference import as_bits
 from jpaged_kernels.triton_common import default_pages_per_block
-from dense_oracle import dense_attention, dequantized_pages
-from paged_cases import (MODES, assert_close, masked_loads, quantize_cache, random_cache, random_q,
+from dense_oracle import dense_attention
+from paged_cases import (MODES, assert_close, masked_loads, quantized_inputs, random_cache, random_q,
                          random_sinks, random_tables, triton_kernel_ir, tt_dots)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -55,11 +55,7 @@ def run_case(rng, seqs, heads, kv_heads, head_dim, page_size, pages_per_seq, dty
         kwargs["sinks"] = random_sinks(rng, heads)
     oracle_k, oracle_v = k, v
     if kv_dtype is not None:               # a quantized cache: the oracle sees its exact values
-        (k, k_scale), (v, v_scale) = quantize_cache(k, kv_dtype), quantize_cache(v, kv_dtype)
-        kwargs.update(k_scale=k_scale, v_scale=v_scale)
-        oracle_k, oracle_v = dequantized_pages(k, k_scale), dequantized_pages(v, v_scale)
-        if fp8_as_bits and kv_dtype != jnp.int8:          # float8 pages as the engine stores them
-            k, v, kwargs["fp8_dtype"] = as_bits(k), as_bits(v), kv_dtype
+        k, v, oracle_k, oracle_v = quantized_inputs(k, v, kv_dtype, kwargs, fp8_as_bits)
     out = ragged_paged_attention(q, k, v, tables, lens, query_start_loc, layer=layer,
                                  interpret=interpret, **kwargs)
     ref_kwargs = {a: b for a, b in kwargs.items()
