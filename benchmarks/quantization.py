@@ -100,8 +100,12 @@ def main() -> int:
     return 0
 
 
-def child(extra: list[str], name: str) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *extra], capture_output=True, text=True)
+def child(extra: list[str], name: str, python: list[str] | None = None,
+          env: dict | None = None) -> dict:
+    """This script run again as `python` (default: this interpreter) with `extra` arguments: its
+    `RESULT {json}` line, or {"failed": ...} naming `name`."""
+    proc = subprocess.run([*(python or [sys.executable]), __file__, *extra], capture_output=True,
+                          text=True, env=env)
     sys.stderr.write(proc.stderr[-2000:])
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -166,12 +170,9 @@ def run_llama_cpp(args) -> dict:
 
     extra = ["--llama-cpp-child", "--batch1-tokens", str(args.batch1_tokens),
              "--gguf", str(default_model_path())]
-    proc = subprocess.run([str(python), "-P", __file__, *extra], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        return {"failed": f"llama.cpp: exit {proc.returncode}: {proc.stderr[-1500:]}"}
-    return json.loads(lines[-1][len("RESULT "):])
+    # -P: benchmarks/ must not be on the child's path (its modules would shadow packages)
+    return child(extra, "llama.cpp", python=[str(python), "-P"],
+                 env={**os.environ, "OMP_NUM_THREADS": "2"})
 
 
 def run_llama_cpp_child(args) -> dict:
