@@ -107,9 +107,10 @@ class PrequantizedFormat:
 
     def in_groups(self, read, prefix: str) -> bool:
         """Whether the layer's groups are contiguous runs of inputs (all but GPTQ act-order)."""
-        if self.method != "gptq" or not self._has(read, f"{prefix}.g_idx"):
+        g_idx = self._optional(read, f"{prefix}.g_idx") if self.method == "gptq" else None
+        if g_idx is None:
             return True
-        g_idx = read(f"{prefix}.g_idx").astype(np.int64)
+        g_idx = g_idx.astype(np.int64)
         group = g_idx.size if self.group_size == -1 else self.group_size
         return bool(np.array_equal(g_idx, np.arange(g_idx.size) // group))
 
@@ -166,9 +167,9 @@ class PrequantizedFormat:
             return q.astype(np.int32), z.astype(np.int32), s, None
         q = _unpack_rows(qweight, self.bits).T
         z = _unpack_columns(qzeros, self.bits) + self.zero_offset
-        g_idx = read(f"{prefix}.g_idx").astype(np.int64) if self._has(read, f"{prefix}.g_idx") \
-            else None
-        return q.astype(np.int32), z.astype(np.int32), s, g_idx
+        g_idx = self._optional(read, f"{prefix}.g_idx")
+        return q.astype(np.int32), z.astype(np.int32), s, \
+            None if g_idx is None else g_idx.astype(np.int64)
 
     def _read_compressed(self, read, prefix: str) -> HostQuantized:
         values = read(f"{prefix}.weight")
@@ -181,19 +182,21 @@ class PrequantizedFormat:
                                 (out, max(scale.size // out, 1))).copy()
         group = d_in // scale.shape[1]
         mins = None
-        if self._has(read, f"{prefix}.weight_zero_point"):
-            zero = np.asarray(read(f"{prefix}.weight_zero_point"), np.float32)
+        zero = self._optional(read, f"{prefix}.weight_zero_point")
+        if zero is not None:
+            zero = np.asarray(zero, np.float32)
             if np.any(zero):
                 mins = -(np.broadcast_to(zero.reshape(scale.shape[0], -1), scale.shape) * scale)
         return HostQuantized(values, scale, mins, 8, group, self.activation_bits)
 
     @staticmethod
-    def _has(read, name: str) -> bool:
+    def _optional(read, name: str) -> np.ndarray | None:
+        """The stored tensor `name`, or None when the checkpoint has none (read once: not
+        tested for and then read again)."""
         try:
-            read(name)
+            return read(name)
         except KeyError:
-            return False
-        return True
+            return None
 
 
 def _unpack_rows(words: np.ndarray, bits: int) -> np.ndarray:
